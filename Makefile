@@ -1,0 +1,31 @@
+# `make test` builds its own virtualenv from requirements-dev.txt: nothing installed by hand is used.
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+CONF ?= config.json
+LISTEN ?= 127.0.0.1:2022
+
+.PHONY: test deps run bench dist dist-test clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+# Set up and run a host on this box: a fresh 0600 config with a new key (kept if it exists),
+# noise-XK TCP on $(LISTEN) and the control socket; prints the PK and the client command.
+run: $(STAMP)
+	$(VPY) skypty.py app pty dmsg confgen $(CONF) 2>/dev/null || true
+	$(VPY) skypty.py app pty tcp -c $(CONF) --addr $(LISTEN)
+
+bench: $(STAMP)
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache

@@ -1,0 +1,343 @@
+"""The command tree: `skypty cli pty …`, `skypty app pty …`, hidden `skypty dmsg pty …`.
+
+Every verb is a thin call into a layer. Handlers are named as "module:function" strings and
+imported only when their verb runs, so `cli pty exec` never imports FUSE, paramiko, yaml or
+the web server (cold start is a budget, see bench/).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import sys
+from typing import Callable, List, Optional
+
+from skypty import __version__
+from skypty.errors import EXIT_INTERRUPTED, EXIT_USAGE, SkyptyError, UsageError
+from skypty.limits import DEFAULT_DMSG_PORT, DEFAULT_TCP_PORT
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go-style duration ("30s", "1m30s", "250ms", bare seconds) into seconds."""
+    s = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (try 30s, 1m, 500ms)")
+    return total
+
+
+def default_cliaddr() -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "pty.sock")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _handler(p: argparse.ArgumentParser, target: str, verb: str) -> None:
+    p.set_defaults(_target=target, _verb=verb)
+
+
+def _subparsers(p: argparse.ArgumentParser, hidden: tuple = ()) -> "_HidingSubparsers":
+    return _HidingSubparsers(p.add_subparsers(dest="_sub_" + p.prog.replace(" ", "_")), hidden)
+
+
+class _HidingSubparsers:
+    """Sub-command group whose hidden members work but never show in help."""
+
+    def __init__(self, action, hidden: tuple):
+        self._action = action
+        self._hidden = set(hidden)
+        self._visible: List[str] = []
+
+    def add(self, name: str, help: Optional[str] = None, **kw) -> argparse.ArgumentParser:
+        hidden = name in self._hidden
+        if hidden:
+            p = self._action.add_parser(name, **kw)
+            self._action._choices_actions = [a for a in self._action._choices_actions if a.dest != name]
+        else:
+            p = self._action.add_parser(name, help=help, **kw)
+            self._visible.append(name)
+        self._action.metavar = "{" + ",".join(self._visible) + "}"
+        return p
+
+
+def _log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "warning", "error"],
+                   help="logging level on stderr (default info)")
+
+
+def _identity_flags(p: argparse.ArgumentParser, visor_key_default: bool) -> None:
+    p.add_argument("-s", "--sk", help="client secret key (hex); default $DMSGPTY_SK, then the node's key, then a random key")
+    p.add_argument("--visor-key", dest="visor_key", action="store_true", default=visor_key_default,
+                   help="borrow the local node's key from skywire-config.json when no --sk is given")
+    p.add_argument("--no-visor-key", dest="visor_key", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--visor-config", help="path of the node's skywire-config.json (for --visor-key)")
+
+
+def _host_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the standalone host (modes 2 and 3): `app pty dmsg`, `app pty tcp`, `dmsg pty host`."""
+    p.add_argument("-c", "--confpath", default="./config.json", help="host config, YAML or JSON (default ./config.json)")
+    p.add_argument("--wl", action="append", default=[], help="extra whitelisted client PKs (comma separated, repeatable)")
+    p.add_argument("--dmsgdisc", help="dmsg discovery URL")
+    p.add_argument("--dmsgsessions", type=int, help="dmsg sessions to keep (default 1)")
+    p.add_argument("--dmsgport", type=int, help=f"dmsg port to listen on (default {DEFAULT_DMSG_PORT})")
+    p.add_argument("--clinet", help="control socket network: unix or tcp (default unix)")
+    p.add_argument("--cliaddr", help="control socket address (default $TMPDIR/pty.sock)")
+    p.add_argument("--tcplisten", "--ssh-listen", dest="tcplisten", help="also serve noise-XK over TCP on this address, e.g. :2022")
+    p.add_argument("--no-dmsg", action="store_true", help="do not join dmsg (TCP and control socket only)")
+    p.add_argument("--sk-from-visor", nargs="?", const="", default=None, metavar="PATH",
+                   help="use the node's secret key from its skywire-config.json (requires --no-dmsg)")
+    p.add_argument("--listen-fd", type=int, default=-1, help="serve one already-accepted connection on this fd and exit (systemd Accept=yes)")
+    p.add_argument("--envprefix", default="DMSGPTY", help="prefix of environment overrides (default DMSGPTY)")
+    p.add_argument("--confstdin", action="store_true", help="read the config from standard input")
+    p.add_argument("--unsafe", action="store_true", help="allow a non-loopback tcp control address")
+    p.add_argument("--sftp-root", help="confine the SFTP subsystem to this directory")
+    p.add_argument("--sftp-readonly", action="store_true", help="serve SFTP read-only")
+    p.add_argument("--require-pq", action="store_true", help="refuse handshakes without the ML-KEM-768 hybrid")
+    _log_level(p)
+
+
+def _confgen(sub: _HidingSubparsers, verb: str) -> None:
+    g = sub.add("confgen", help="write a fresh keypair config (0600)")
+    g.add_argument("path", nargs="?", default="./config.json")
+    g.add_argument("--unsafe", "--force", dest="unsafe", action="store_true", help="overwrite an existing file")
+    _handler(g, "skypty.config:cmd_confgen", verb + " confgen")
+
+
+def _pty_cli_tree(p: argparse.ArgumentParser, verb: str) -> None:
+    """`app pty exec` / `dmsg pty cli`: clients of the local control socket."""
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("-n", "--clinet", help="control socket network (default unix)")
+        q.add_argument("-r", "--cliaddr", help="control socket address (default $TMPDIR/pty.sock)")
+        q.add_argument("-p", "--confpath", help="host config to read clinet/cliaddr from")
+
+    common(p)
+    p.add_argument("--addr", help="remote host <pk>[:<port>] reached through the host's dmsg proxy")
+    p.add_argument("-c", "--cmd", default="/bin/bash", help="command to run (default /bin/bash)")
+    p.add_argument("-a", "--args", action="append", default=[], help="command arguments (repeatable)")
+    _handler(p, "skypty.control:cmd_local_shell", verb)
+    sub = _subparsers(p)
+    e = sub.add("exec", help="run one command through the control socket")
+    common(e)
+    e.add_argument("--addr", help="remote host <pk>[:<port>] reached through the host's dmsg proxy")
+    e.add_argument("-t", "--timeout", type=parse_duration, default=30.0, help="timeout (default 30s)")
+    e.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE for the command (repeatable)")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    _handler(e, "skypty.control:cmd_local_exec", verb + " exec")
+    for name, target, hlp in (("whitelist", "cmd_whitelist", "print the whitelist"),
+                              ("whitelist-add", "cmd_whitelist_add", "add client PKs"),
+                              ("whitelist-remove", "cmd_whitelist_remove", "remove client PKs")):
+        w = sub.add(name, help=hlp)
+        common(w)
+        if name != "whitelist":
+            w.add_argument("pks", nargs="+", metavar="pk")
+        _handler(w, "skypty.control:" + target, verb + " " + name)
+
+
+def _http_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--hnet", default="unix", help="network of the host's control socket (default unix)")
+    p.add_argument("--haddr", default=None, help="address of the host's control socket (default $TMPDIR/pty.sock)")
+    p.add_argument("--addr", default="127.0.0.1:8080", help="address to serve the page on (default 127.0.0.1:8080)")
+    p.add_argument("--cmd", default="/bin/bash", help="command the terminal runs (default /bin/bash)")
+    p.add_argument("--arg", action="append", default=[], help="argument for --cmd (repeatable)")
+    p.add_argument("--allow-url-commands", action="store_true", help="honour ?commands= in the page URL")
+    _log_level(p)
+    _handler(p, "skypty.web:cmd_http", verb)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    root = _Parser(prog="skypty", description="Skywire pty: remote shell, exec, fs and web terminal over Noise XK.")
+    root.add_argument("--version", action="version", version=f"skypty {__version__}")
+    top = _subparsers(root)
+
+    # ---- skypty cli pty …
+    cli = top.add("cli", help="client commands")
+    pty = _subparsers(cli).add("pty", help="remote shell, exec, fs mount and the TCP host")
+    ptys = _subparsers(pty)
+
+    ex = ptys.add("exec", help="run one command on a remote host and mirror its exit code")
+    ex.add_argument("target", help="<pk>, dmsg://<pk> or tcp://<pk>@host:port")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (after --)")
+    ex.add_argument("--rpc", default="localhost:3435", help="node RPC address (default localhost:3435)")
+    ex.add_argument("-p", "--port", type=int, default=DEFAULT_DMSG_PORT, help="remote pty port (default 22)")
+    ex.add_argument("-t", "--timeout", type=parse_duration, default=30.0, help="remote timeout (default 30s)")
+    ex.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE for the command (repeatable)")
+    ex.add_argument("--via", help="reach <pk> over tcp://<pk>@host:port")
+    ex.add_argument("--transport", default="auto", choices=["auto", "dmsg", "skynet", "tcp"])
+    ex.add_argument("--standalone", action="store_true", help="use an ephemeral dmsg client instead of the node")
+    ex.add_argument("--stream", action="store_true", help="stream output live (exec-stream), no 16 MiB cap")
+    ex.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    ex.add_argument("--dmsgdisc", help="dmsg discovery URL (with --standalone)")
+    ex.add_argument("--scheme", help=argparse.SUPPRESS)
+    ex.add_argument("--via-visor", action="store_true", help=argparse.SUPPRESS)
+    _identity_flags(ex, visor_key_default=False)
+    _handler(ex, "skypty.client:cmd_exec", "pty exec")
+
+    st = ptys.add("start", help="interactive shell on a remote host (or a local one)")
+    st.add_argument("target", nargs="?", help="<pk>, dmsg://<pk> or tcp://<pk>@host:port")
+    st.add_argument("--rpc", default="localhost:3435", help="node RPC address (default localhost:3435)")
+    st.add_argument("-p", "--port", type=int, default=DEFAULT_DMSG_PORT, help="remote pty port (default 22)")
+    st.add_argument("--via", help="reach <pk> over tcp://<pk>@host:port")
+    st.add_argument("--transport", default="auto", choices=["auto", "dmsg", "skynet", "tcp"])
+    st.add_argument("--standalone", action="store_true", help="use an ephemeral dmsg client instead of the node")
+    st.add_argument("--cliaddr", help="local control socket used for the dmsg proxy")
+    st.add_argument("--dmsgdisc", help="dmsg discovery URL (with --standalone)")
+    st.add_argument("--via-visor", action="store_true", help=argparse.SUPPRESS)
+    _identity_flags(st, visor_key_default=False)
+    _handler(st, "skypty.client:cmd_start", "pty start")
+
+    sh = ptys.add("shell", help="ssh-like: <pk>@host[:port] [-- cmd args…]")
+    sh.add_argument("dest", help="<pk>@host[:port] (default port 2022)")
+    sh.add_argument("command", nargs=argparse.REMAINDER, help="run this instead of an interactive shell")
+    sh.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE (repeatable)")
+    sh.add_argument("-t", "--timeout", type=parse_duration, default=30.0, help="exec timeout (default 30s)")
+    sh.add_argument("--no-pty", action="store_true", help="never allocate a pty (exec mode)")
+    sh.add_argument("-p", "--port", type=int, default=DEFAULT_TCP_PORT, help="port when the destination has none (2022)")
+    sh.add_argument("--transport", default="auto", choices=["auto", "tcp"])
+    sh.add_argument("--standalone", action="store_true", help=argparse.SUPPRESS)
+    sh.add_argument("--stream", action="store_true", help="stream exec output live (exec-stream)")
+    sh.add_argument("--json", action="store_true", help="print one JSON object with the exec result")
+    _identity_flags(sh, visor_key_default=True)
+    _handler(sh, "skypty.client:cmd_shell", "pty shell")
+
+    fs = ptys.add("fs", help="mount a remote filesystem over the sftp subsystem (FUSE)")
+    fss = _subparsers(fs)
+    mo = fss.add("mount", help="mount <pk>@host[:port] on a local directory (foreground)")
+    mo.add_argument("dest", help="<pk>@host[:port] or <pk>")
+    mo.add_argument("mountpoint")
+    for q in (mo,):
+        q.add_argument("-p", "--port", type=int, default=DEFAULT_TCP_PORT, help="port when the destination has none (2022)")
+        q.add_argument("--transport", default="auto", choices=["auto", "dmsg", "tcp"])
+        _identity_flags(q, visor_key_default=True)
+    mo.add_argument("--standalone", action="store_true", help="use an ephemeral dmsg client")
+    mo.add_argument("--dmsgdisc", help="dmsg discovery URL (with --standalone)")
+    mo.add_argument("--ro", action="store_true", help="mount read-only")
+    mo.add_argument("--debug", action="store_true", help="FUSE debug output")
+    mo.add_argument("--attr-ttl", type=parse_duration, default=1.0, help="attribute cache TTL (default 1s)")
+    mo.add_argument("--entry-ttl", type=parse_duration, default=1.0, help="entry cache TTL (default 1s)")
+    mo.add_argument("--remote-root", default="/", help="remote directory to mount (default /)")
+    _handler(mo, "skypty.fs:cmd_mount", "pty fs mount")
+    um = fss.add("umount", help="unmount a skypty mount")
+    um.add_argument("mountpoint")
+    _handler(um, "skypty.fs:cmd_umount", "pty fs umount")
+
+    ho = ptys.add("host", help="standalone TCP host (mode 3), like sshd")
+    ho.add_argument("-l", "--listen", default=f":{DEFAULT_TCP_PORT}", help="listen address (default :2022)")
+    ho.add_argument("--allow", action="append", default=[], help="whitelisted client PKs, comma separated (repeatable)")
+    ho.add_argument("-c", "--conf", help="standalone host config to take sk and wl from")
+    ho.add_argument("--sk-from-visor", nargs="?", const="", default=None, metavar="PATH",
+                    help="use the node's secret key (default path of skywire-config.json)")
+    ho.add_argument("--sftp-root", help="confine the SFTP subsystem to this directory")
+    ho.add_argument("--sftp-readonly", action="store_true", help="serve SFTP read-only")
+    ho.add_argument("--require-pq", action="store_true", help="refuse handshakes without the ML-KEM-768 hybrid")
+    _log_level(ho)
+    _handler(ho, "skypty.host:cmd_cli_host", "pty host")
+
+    # ---- skypty app pty …
+    app = top.add("app", help="the pty app (host, web terminal, control-socket client)")
+    apty = _subparsers(app).add("pty", help="pty app commands")
+    apps = _subparsers(apty)
+    ad = apps.add("dmsg", help="standalone host: dmsg (mode 2), optional TCP, control socket")
+    _host_flags(ad)
+    _handler(ad, "skypty.host:cmd_standalone_host", "pty host")
+    _confgen(_subparsers(ad), "app pty dmsg")
+    at = apps.add("tcp", help="standalone TCP host (mode 3) with control socket, no dmsg")
+    _host_flags(at)
+    at.add_argument("--addr", default=f":{DEFAULT_TCP_PORT}", help="TCP listen address (default :2022)")
+    _handler(at, "skypty.host:cmd_app_tcp", "pty tcp")
+    _http_flags(apps.add("http", help="browser terminal bridged to a host's control socket"), "pty http")
+    _pty_cli_tree(apps.add("exec", help="shell, exec and whitelist verbs over the local control socket"), "pty exec")
+
+    # ---- skypty dmsg … (hidden legacy aliases + private-network servers)
+    dm = top.add("dmsg", help="dmsg tools")
+    dms = _subparsers(dm, hidden=("pty",))
+    dpty = dms.add("pty", help="legacy aliases")
+    dptys = _subparsers(dpty)
+    dh = dptys.add("host", help="standalone host")
+    _host_flags(dh)
+    _handler(dh, "skypty.host:cmd_standalone_host", "dmsg pty host")
+    _confgen(_subparsers(dh), "dmsg pty host")
+    _pty_cli_tree(dptys.add("cli", help="control-socket client"), "dmsg pty cli")
+    _http_flags(dptys.add("ui", help="browser terminal"), "dmsg pty ui")
+    ds = dms.add("server", help="a small dmsg server for private networks and tests")
+    ds.add_argument("-c", "--config", help="server config (sk, public address, discovery)")
+    ds.add_argument("--sk", help="server secret key (hex); default: from --config or random")
+    ds.add_argument("-l", "--listen", default=":8081", help="listen address (default :8081)")
+    ds.add_argument("--public-address", help="address advertised in discovery (default the listen address)")
+    ds.add_argument("--dmsgdisc", default="http://127.0.0.1:9090", help="discovery URL")
+    ds.add_argument("--max-sessions", type=int, default=2048)
+    _log_level(ds)
+    _handler(ds, "skypty.transport.dmsg.server:cmd_server", "dmsg server")
+    dd = dms.add("disc", help="a small in-memory dmsg discovery")
+    dd.add_argument("-a", "--addr", default=":9090", help="listen address (default :9090)")
+    dd.add_argument("--entry-ttl", type=parse_duration, default=120.0, help="entry expiry (default 2m)")
+    _log_level(dd)
+    _handler(dd, "skypty.transport.dmsg.disc:cmd_disc", "dmsg disc")
+    return root
+
+
+def _setup_logging(level: Optional[str]) -> None:
+    lv = {"warn": "WARNING"}.get(level or "info", (level or "info").upper())
+    logging.basicConfig(level=getattr(logging, lv, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    mod, _, fn = target.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    target = getattr(args, "_target", None)
+    if target is None:
+        # a group with no verb of its own: show its help
+        parser.parse_args((argv if argv is not None else sys.argv[1:]) + ["--help"])
+        return EXIT_USAGE
+    if getattr(args, "command", None) and args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    _setup_logging(getattr(args, "log_level", None))
+    verb = args._verb
+    try:
+        return int(resolve(target)(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{verb}: interrupted\n")
+        return EXIT_INTERRUPTED
+    except SkyptyError as e:
+        sys.stderr.write(f"{verb}: {e}\n")
+        return e.exit_code
+    except (ImportError, AttributeError) as e:
+        if getattr(args, "log_level", None) == "debug" or os.environ.get("SKYPTY_DEBUG"):
+            raise
+        sys.stderr.write(f"{verb}: not available in this build ({e})\n")
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+    except OSError as e:
+        if os.environ.get("SKYPTY_DEBUG"):
+            raise
+        sys.stderr.write(f"{verb}: {e.strerror or e}\n")
+        return 1
+
+
+__all__ = ["main", "build_parser", "parse_duration", "default_cliaddr", "UsageError"]
