@@ -27,5 +27,17 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(VPY) bench/run.py
 
+# One-file binary (PyInstaller) and zipapp (deps installed beside it, see contrib/build_zipapp.py).
+dist: $(STAMP)
+	$(VPY) -m pip install -q --disable-pip-version-check pyinstaller
+	$(VPY) contrib/build_zipapp.py -o dist/skypty.pyz
+	$(VPY) -m PyInstaller --noconfirm --log-level WARN --onefile --name skypty \
+	  --collect-submodules skypty --add-data $(CURDIR)/skypty/static:skypty/static \
+	  --distpath dist --workpath build/pyinstaller --specpath build skypty.py
+	ls -l dist/
+
+dist-test: dist
+	SKYPTY_DIST=$(CURDIR)/dist $(VPY) -m pytest -q tests/test_dist.py
+
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

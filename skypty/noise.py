@@ -1,0 +1,694 @@
+"""The secure channel: dmsg's Noise XK / KK handshakes and its framed transport.
+
+Why a small hand-written handshake instead of `noiseprotocol`: we need exactly two patterns
+(XK, KK) with one non-standard DH (33-byte output), a non-standard split direction, the
+ML-KEM payload exchange, access to h/ck after every message (the vectors pin them), fixed
+ephemerals without library warnings, and explicit-nonce transport records that bypass
+the library's CipherStates anyway. The Noise symmetric state is ~40 lines of the spec's own
+pseudo-code (MixHash / MixKey / EncryptAndHash / Split); that is smaller to audit than a
+backend plug-in plus the patches around it.
+
+Wire facts (crypto-dmsg.md §2, §4; pty.md §1.2-§1.3):
+- `Noise_XK_Secp256k1_ChaChaPoly_SHA256` / `Noise_KK_…`, empty prologue, empty payloads
+  (except the optional ML-KEM-768 hybrid), DH = SHA256(compressed(sk·PK)) ‖ 00.
+- Split: whoever WRITES the last handshake message sends with k2 (XK: the initiator,
+  reversed from the Noise spec; KK: the responder, as the spec).
+- Frame: [u16 BE len][body], len ≤ 4094 on read. Transport body: [u64 BE n][AEAD(k,
+  0^32 ‖ LE64(n), ad=b"", pt)], n from 1 per direction, strictly increasing on receive,
+  ≤ 4070 plaintext bytes per record, zero-length records skipped by the reader.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import socket
+import struct
+import threading
+import time
+from typing import Optional, Tuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import limits
+from .errors import HandshakeError, KeyFormatError, ProtocolError
+from .keys import PubKey, SecKey, generate_keypair, noise_dh
+
+try:  # ML-KEM needs cryptography >= 46 built against a library that has it
+    from cryptography.hazmat.primitives.asymmetric import mlkem as _mlkem
+
+    _mlkem.MLKEM768PrivateKey.generate()
+    PQ_AVAILABLE = True
+except Exception:  # pragma: no cover - depends on the installed cryptography
+    _mlkem = None
+    PQ_AVAILABLE = False
+
+__all__ = [
+    "Handshake", "SendCipher", "RecvCipher", "SecureConn", "client_handshake", "server_handshake",
+    "read_frame", "write_frame", "PQ_AVAILABLE", "PROTOCOL_XK", "PROTOCOL_KK",
+    "MLKEM768_EK_LEN", "MLKEM768_CT_LEN", "PQ_HKDF_INFO",
+]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_XK = b"Noise_XK_Secp256k1_ChaChaPoly_SHA256"
+PROTOCOL_KK = b"Noise_KK_Secp256k1_ChaChaPoly_SHA256"
+MLKEM768_EK_LEN = 1184
+MLKEM768_CT_LEN = 1088
+PQ_HKDF_INFO = b"skywire-pq-hybrid-v1"
+
+_DHLEN = 33          # compressed point, and the DH output length
+_TAG = 16
+_U16 = struct.Struct(">H")
+_HDR = struct.Struct(">HQ")  # frame length + record nonce, written together
+_MAX_NONCE = (1 << 64) - 1
+_ZERO4 = b"\x00\x00\x00\x00"
+
+# (pre-message keys, message token lists); "rs" = responder static, "is" = initiator static
+_PATTERNS = {
+    "XK": (PROTOCOL_XK, ("rs",), (("e", "es"), ("e", "ee"), ("s", "se"))),
+    "KK": (PROTOCOL_KK, ("is", "rs"), (("e", "es", "ss"), ("e", "ee", "se"))),
+}
+
+
+def _aead_nonce(n: int) -> bytes:
+    return _ZERO4 + n.to_bytes(8, "little")
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.digest(key, data, "sha256")
+
+
+def _noise_hkdf(ck: bytes, ikm: bytes) -> Tuple[bytes, bytes]:
+    temp = _hmac(ck, ikm)
+    o1 = _hmac(temp, b"\x01")
+    return o1, _hmac(temp, o1 + b"\x02")
+
+
+class _Symmetric:
+    """The Noise SymmetricState (spec §5.2) with ChaChaPoly/SHA256."""
+
+    def __init__(self, name: bytes) -> None:
+        self.h = name.ljust(32, b"\x00") if len(name) <= 32 else hashlib.sha256(name).digest()
+        self.ck = self.h
+        self._aead: Optional[ChaCha20Poly1305] = None
+        self._n = 0
+
+    def mix_hash(self, data: bytes) -> None:
+        self.h = hashlib.sha256(self.h + data).digest()
+
+    def mix_key(self, ikm: bytes) -> None:
+        self.ck, k = _noise_hkdf(self.ck, ikm)
+        self._aead = ChaCha20Poly1305(k)
+        self._n = 0
+
+    def encrypt_and_hash(self, pt: bytes) -> bytes:
+        if self._aead is None:
+            ct = pt
+        else:
+            ct = self._aead.encrypt(_aead_nonce(self._n), pt, self.h)
+            self._n += 1
+        self.mix_hash(ct)
+        return ct
+
+    def decrypt_and_hash(self, ct: bytes) -> bytes:
+        if self._aead is None:
+            pt = ct
+        else:
+            try:
+                pt = self._aead.decrypt(_aead_nonce(self._n), ct, self.h)
+            except InvalidTag:
+                raise HandshakeError("message authentication failed") from None
+            self._n += 1
+        self.mix_hash(ct)
+        return pt
+
+    def split(self) -> Tuple[bytes, bytes]:
+        return _noise_hkdf(self.ck, b"")
+
+
+class Handshake:
+    """One Noise XK or KK handshake, driven message by message (no I/O here).
+
+    `write_message()` / `read_message()` alternate as the pattern says; after the last one,
+    `.complete` is true and `.split()` returns this side's (SendCipher, RecvCipher).
+    With `pq=True` the initiator offers an ML-KEM-768 key in message 1 and both sides mix
+    the KEM secret into the transport keys when the peer answers (crypto-dmsg.md §2.5);
+    otherwise, or when the peer does not, the keys are classical. `require_pq=True` turns a
+    classical outcome into a HandshakeError. Payloads are for the PQ exchange only: any
+    other payload the peer sends is authenticated, then ignored.
+    """
+
+    def __init__(self, pattern: str, initiator: bool, local_sk: SecKey, remote_pk: Optional[PubKey] = None,
+                 *, ephemeral_sk: Optional[SecKey] = None, pq: bool = True, require_pq: bool = False) -> None:
+        if pattern not in _PATTERNS:
+            raise ValueError(f"unsupported Noise pattern {pattern!r}")
+        name, pre, self._msgs = _PATTERNS[pattern]
+        self.pattern = pattern
+        self.initiator = bool(initiator)
+        self._s = local_sk
+        self._spub = local_sk.pubkey()
+        needs_rs = pattern == "KK" or initiator
+        if needs_rs:
+            if remote_pk is not None:
+                remote_pk = PubKey(remote_pk)
+            if remote_pk is None or remote_pk.is_null():
+                raise KeyFormatError(f"noise {pattern}: the remote public key is required")
+        self.remote_pk: Optional[PubKey] = remote_pk if needs_rs else None
+        self._e = ephemeral_sk
+        self._re: Optional[PubKey] = None
+        if require_pq and not PQ_AVAILABLE:
+            raise HandshakeError("post-quantum key exchange required but ML-KEM-768 is unavailable"
+                                 " (needs a newer python cryptography)")
+        self._pq = (pq or require_pq) and PQ_AVAILABLE
+        self._require_pq = require_pq
+        self._kem_sk = None
+        self._kem_ct = b""
+        self._pq_secret: Optional[bytes] = None
+        self._index = 0
+        self._sym = _Symmetric(name)
+        self._sym.mix_hash(b"")  # the empty prologue is still hashed
+        for who in pre:
+            pk = self._spub if (who == "is") == self.initiator else self.remote_pk
+            self._sym.mix_hash(bytes(pk))
+
+    # --- state -------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self._index >= len(self._msgs)
+
+    @property
+    def handshake_hash(self) -> bytes:
+        """h (final once complete): the channel binding both sides share."""
+        return self._sym.h
+
+    @property
+    def chaining_key(self) -> bytes:
+        """ck, exposed for known-answer tests."""
+        return self._sym.ck
+
+    @property
+    def pq(self) -> bool:
+        """True when the ML-KEM secret was mixed into the transport keys."""
+        return self._pq_secret is not None
+
+    def _my_turn(self) -> bool:
+        return (self._index % 2 == 0) == self.initiator
+
+    # --- tokens ------------------------------------------------------------------------
+    def _dh(self, token: str) -> bytes:
+        # For "es"/"se" the first letter is the initiator's key, the second the responder's.
+        a, b = token[0], token[1]
+        mine, theirs = (a, b) if self.initiator else (b, a)
+        sk = self._e if mine == "e" else self._s
+        pk = self._re if theirs == "e" else self.remote_pk
+        try:
+            return noise_dh(sk, pk)
+        except KeyFormatError:
+            raise HandshakeError("peer sent an invalid public key") from None
+
+    def write_message(self, payload: bytes = b"") -> bytes:
+        if self.complete or not self._my_turn():
+            raise HandshakeError("noise handshake: write out of order")
+        tokens = self._msgs[self._index]
+        out = []
+        for t in tokens:
+            if t == "e":
+                if self._e is None:
+                    _, self._e = generate_keypair()
+                epub = bytes(self._e.pubkey())
+                out.append(epub)
+                self._sym.mix_hash(epub)
+            elif t == "s":
+                out.append(self._sym.encrypt_and_hash(bytes(self._spub)))
+            else:
+                self._sym.mix_key(self._dh(t))
+        pq_part = self._pq_write_payload()
+        if pq_part and payload:
+            raise ValueError("noise: this handshake payload carries the ML-KEM exchange; pass pq=False to send your own")
+        payload = pq_part or bytes(payload)
+        out.append(self._sym.encrypt_and_hash(payload))
+        self._index += 1
+        return b"".join(out)
+
+    def read_message(self, msg: bytes) -> bytes:
+        if self.complete or self._my_turn():
+            raise HandshakeError("noise handshake: read out of order")
+        msg = bytes(msg)
+        tokens = self._msgs[self._index]
+        pos = 0
+        for t in tokens:
+            if t == "e":
+                if len(msg) - pos < _DHLEN:
+                    raise HandshakeError(f"handshake message {self._index + 1} too short ({len(msg)} bytes)")
+                raw = msg[pos:pos + _DHLEN]
+                pos += _DHLEN
+                try:
+                    self._re = PubKey(raw)
+                except KeyFormatError:
+                    raise HandshakeError("peer sent an invalid ephemeral key") from None
+                if self._re.is_null():
+                    raise HandshakeError("peer sent an invalid ephemeral key")
+                self._sym.mix_hash(raw)
+            elif t == "s":
+                n = _DHLEN + _TAG
+                if len(msg) - pos < n:
+                    raise HandshakeError(f"handshake message {self._index + 1} too short ({len(msg)} bytes)")
+                raw = self._sym.decrypt_and_hash(msg[pos:pos + n])
+                pos += n
+                try:
+                    rs = PubKey(raw)
+                except KeyFormatError:
+                    raise HandshakeError("peer sent an invalid static key") from None
+                if rs.is_null():
+                    raise HandshakeError("peer sent an invalid static key")
+                self.remote_pk = rs
+            else:
+                self._sym.mix_key(self._dh(t))
+        if len(msg) - pos < _TAG:
+            raise HandshakeError(f"handshake message {self._index + 1} too short ({len(msg)} bytes)")
+        payload = self._sym.decrypt_and_hash(msg[pos:])
+        self._index += 1
+        self._pq_read_payload(payload)
+        return payload
+
+    # --- ML-KEM-768 hybrid ---------------------------------------------------------------
+    def _pq_write_payload(self) -> bytes:
+        if not self._pq:
+            return b""
+        if self._index == 0 and self.initiator:
+            self._kem_sk = _mlkem.MLKEM768PrivateKey.generate()
+            return self._kem_sk.public_key().public_bytes_raw()
+        if self._index == 1 and not self.initiator:
+            ct, self._kem_ct = self._kem_ct, b""
+            return ct
+        return b""
+
+    def _pq_read_payload(self, payload: bytes) -> None:
+        idx = self._index  # already advanced: 1 = we just read msg 1, 2 = msg 2
+        if idx == 1 and not self.initiator:
+            # Only an exactly sized key counts; anything else falls back to classical.
+            if self._pq and len(payload) == MLKEM768_EK_LEN:
+                try:
+                    ek = _mlkem.MLKEM768PublicKey.from_public_bytes(payload)
+                    self._pq_secret, self._kem_ct = ek.encapsulate()
+                except Exception:
+                    self._pq_secret, self._kem_ct = None, b""
+            if self._pq_secret is None and self._require_pq:
+                raise HandshakeError("post-quantum key exchange required but the peer offered no ML-KEM key")
+        elif idx == 2 and self.initiator:
+            if self._kem_sk is not None and len(payload) == MLKEM768_CT_LEN:
+                try:
+                    self._pq_secret = self._kem_sk.decapsulate(payload)
+                except Exception:
+                    self._pq_secret = None
+            self._kem_sk = None
+            if self._pq_secret is None:
+                if self._require_pq:
+                    raise HandshakeError("post-quantum key exchange required but the peer answered classically")
+                if self._pq:
+                    log.debug("noise: peer did not answer the ML-KEM offer; classical keys")
+
+    # --- split -------------------------------------------------------------------------
+    def split(self) -> Tuple["SendCipher", "RecvCipher"]:
+        if not self.complete:
+            raise HandshakeError("noise handshake: split before completion")
+        k1, k2 = self._sym.split()
+        if self._pq_secret is not None:
+            k1 = _pq_mix(k1, self._pq_secret, self._sym.h)
+            k2 = _pq_mix(k2, self._pq_secret, self._sym.h)
+        elif self._require_pq:
+            raise HandshakeError("post-quantum key exchange required but the handshake was classical")
+        # dmsg: the writer of the last message sends with k2 (crypto-dmsg.md §2.4).
+        last_writer_is_initiator = len(self._msgs) % 2 == 1
+        if last_writer_is_initiator == self.initiator:
+            return SendCipher(k2), RecvCipher(k1)
+        return SendCipher(k1), RecvCipher(k2)
+
+
+def _pq_mix(k: bytes, ss: bytes, h: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=h, info=PQ_HKDF_INFO).derive(k + ss)
+
+
+# --- transport records ---------------------------------------------------------------------
+
+class SendCipher:
+    """Seals transport records: body = [u64 BE n][AEAD(k, 0^32 ‖ LE64(n), b"", pt)], n from 1."""
+
+    __slots__ = ("_aead", "_n")
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(bytes(key))
+        self._n = 0
+
+    @property
+    def nonce(self) -> int:
+        """The nonce of the last sealed record (0 before the first)."""
+        return self._n
+
+    def seal(self, plaintext: bytes) -> bytes:
+        if len(plaintext) > limits.NOISE_MAX_PLAINTEXT:
+            raise ValueError(f"record plaintext {len(plaintext)} > {limits.NOISE_MAX_PLAINTEXT} bytes")
+        if self._n >= _MAX_NONCE:
+            raise ProtocolError("noise: send nonce exhausted")
+        self._n += 1
+        n = self._n
+        return n.to_bytes(8, "big") + self._aead.encrypt(_ZERO4 + n.to_bytes(8, "little"), plaintext, None)
+
+    def seal_frames(self, data) -> bytearray:
+        """All framed records ([u16 len][body]…) for one write, split at 4070 bytes.
+
+        Encrypts straight into one preallocated buffer: no per-record bytes objects, so a
+        large write costs one AEAD call per record and nothing else in Python.
+        """
+        mv = memoryview(data).cast("B")
+        total = len(mv)
+        if total == 0:
+            return bytearray()
+        step = limits.NOISE_MAX_PLAINTEXT
+        count = (total + step - 1) // step
+        if self._n + count > _MAX_NONCE:
+            raise ProtocolError("noise: send nonce exhausted")
+        out = bytearray(total + count * (2 + 8 + _TAG))
+        ov = memoryview(out)
+        pack_into = _HDR.pack_into
+        enc = self._aead.encrypt_into
+        n = self._n
+        pos = 0
+        for off in range(0, total, step):
+            chunk = mv[off:off + step]
+            clen = len(chunk)
+            n += 1
+            pack_into(out, pos, clen + 8 + _TAG, n)
+            enc(_ZERO4 + n.to_bytes(8, "little"), chunk, None, ov[pos + 10:pos + 10 + clen + _TAG])
+            pos += 10 + clen + _TAG
+        self._n = n
+        return out
+
+
+class RecvCipher:
+    """Opens transport records; with `strict` each nonce must exceed the last accepted one."""
+
+    __slots__ = ("_aead", "_last", "strict")
+
+    def __init__(self, key: bytes, strict: bool = True) -> None:
+        self._aead = ChaCha20Poly1305(bytes(key))
+        self._last = 0
+        self.strict = strict
+
+    @property
+    def nonce(self) -> int:
+        """The nonce of the last accepted record (0 before the first)."""
+        return self._last
+
+    def open(self, body) -> bytes:
+        if len(body) < 8 + _TAG:
+            raise ProtocolError(f"noise: transport record too short ({len(body)} bytes)")
+        n = int.from_bytes(body[:8], "big")
+        if self.strict and n <= self._last:
+            raise ProtocolError(f"noise: received nonce {n} is not larger than the previous one ({self._last})")
+        try:
+            pt = self._aead.decrypt(_ZERO4 + n.to_bytes(8, "little"), body[8:], None)
+        except InvalidTag:
+            raise ProtocolError("noise: transport record failed authentication") from None
+        if n > self._last:
+            self._last = n
+        return pt
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+def _read_exact(stream, n: int, deadline: Optional[float] = None) -> bytes:
+    """n bytes or EOFError (nothing read) / ProtocolError (cut short); honours a deadline."""
+    buf = bytearray()
+    while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            stream.settimeout(left)
+        chunk = stream.recv(n - len(buf))
+        if not chunk:
+            if buf:
+                raise ProtocolError(f"noise: unexpected EOF inside a frame ({len(buf)} of {n} bytes)")
+            raise EOFError("EOF")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(stream, _deadline: Optional[float] = None) -> bytes:
+    """Read one [u16 BE len][body] frame. EOFError at a clean end, ProtocolError on a bad or cut frame."""
+    (length,) = _U16.unpack(_read_exact(stream, 2, _deadline))
+    if length > limits.NOISE_MAX_BODY:
+        raise ProtocolError(f"noise: frame length {length} exceeds the maximum {limits.NOISE_MAX_BODY}")
+    try:
+        return _read_exact(stream, length, _deadline) if length else b""
+    except EOFError:
+        raise ProtocolError(f"noise: unexpected EOF inside a frame (0 of {length} bytes)") from None
+
+
+def write_frame(stream, body: bytes) -> None:
+    """Write one frame. Handshake messages may exceed the read limit only up to 65535 (Go does too)."""
+    if len(body) > 0xFFFF:
+        raise ValueError(f"noise frame body {len(body)} > 65535 bytes")
+    stream.sendall(_U16.pack(len(body)) + bytes(body))
+
+
+# --- the connection ---------------------------------------------------------------------------
+
+_RECV_CHUNK = 256 * 1024       # one stream.recv; bounds the plaintext buffered ahead
+_SEND_BATCH = 64 * limits.NOISE_MAX_PLAINTEXT  # ~256 KiB of plaintext per stream.sendall
+
+
+class SecureConn:
+    """A socket-like byte stream over Noise transport records.
+
+    `sendall` is thread-safe and writes each batch of records with one `stream.sendall`;
+    `recv` reads large chunks from the stream and decrypts every complete record in them,
+    so a bulk transfer costs one syscall per ~256 KiB. One reader at a time is expected
+    (a lock keeps concurrent readers safe, not fair). After a protocol error (bad tag,
+    replayed nonce, oversize or truncated frame) every later `recv` raises it again.
+    """
+
+    def __init__(self, stream, send: SendCipher, recv: RecvCipher, remote_pk: Optional[PubKey],
+                 local_pk: Optional[PubKey], *, initial: bytes = b"", pq: bool = False) -> None:
+        self.stream = stream
+        self.pq = pq  # whether the ML-KEM hybrid keyed this connection
+        self._send = send
+        self._recv = recv
+        self.remote_pk = remote_pk
+        self.local_pk = local_pk
+        self._wlock = threading.Lock()
+        self._rlock = threading.Lock()
+        self._raw = bytearray(initial)   # ciphertext not yet parsed into records
+        self._plain = bytearray()        # decrypted, not yet returned
+        self._ppos = 0
+        self._eof = False
+        self._err: Optional[BaseException] = None
+        self._closed = False
+
+    # --- writing ---
+    def sendall(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        if not len(mv):
+            return  # Go writes nothing for an empty write
+        with self._wlock:
+            for off in range(0, len(mv), _SEND_BATCH):
+                self.stream.sendall(self._send.seal_frames(mv[off:off + _SEND_BATCH]))
+
+    def send(self, data) -> int:
+        self.sendall(data)
+        return len(data)
+
+    # --- reading ---
+    def pending(self) -> int:
+        """Plaintext bytes already decrypted and waiting (select() on fileno() cannot see them)."""
+        return len(self._plain) - self._ppos
+
+    def _fill(self) -> None:
+        """Decrypt at least one non-empty record into the plaintext buffer, or set EOF."""
+        raw = self._raw
+        rc = self._recv
+        while True:
+            # Parse every complete frame already buffered.
+            pos = 0
+            n = len(raw)
+            got = False
+            # On a protocol error the buffer is left as is: the error is sticky and the
+            # traceback may still pin a view of it.
+            # Records before a bad one are still delivered; the error surfaces after them.
+            try:
+                with memoryview(raw) as mv:
+                    while n - pos >= 2:
+                        length = (raw[pos] << 8) | raw[pos + 1]
+                        if length > limits.NOISE_MAX_BODY:
+                            raise ProtocolError(f"noise: frame length {length} exceeds the maximum"
+                                                f" {limits.NOISE_MAX_BODY}")
+                        if n - pos - 2 < length:
+                            break
+                        pt = rc.open(mv[pos + 2:pos + 2 + length])
+                        pos += 2 + length
+                        if pt:
+                            self._plain += pt
+                            got = True
+            except ProtocolError as e:
+                if not got:
+                    raise
+                self._err = e
+                return
+            if pos:
+                del raw[:pos]
+            if got:
+                return
+            chunk = self.stream.recv(_RECV_CHUNK)
+            if not chunk:
+                if raw:
+                    raise ProtocolError(f"noise: connection closed inside a frame ({len(raw)} bytes left over)")
+                self._eof = True
+                return
+            raw += chunk
+
+    def recv(self, n: int = 65536) -> bytes:
+        """Up to n plaintext bytes; b"" at a clean EOF."""
+        if n <= 0:
+            return b""
+        with self._rlock:
+            if self._ppos >= len(self._plain):
+                if self._err is not None:
+                    raise self._err
+                if self._eof:
+                    return b""
+                self._plain.clear()
+                self._ppos = 0
+                try:
+                    self._fill()
+                except ProtocolError as e:
+                    self._err = e
+                    raise
+                if self._eof and not self._plain:
+                    return b""
+            p = self._ppos
+            with memoryview(self._plain) as m:
+                out = bytes(m[p:p + n])
+            self._ppos = p + len(out)
+            return out
+
+    def recv_exact(self, n: int) -> bytes:
+        """Exactly n bytes; EOFError if the stream ends first."""
+        parts = []
+        got = 0
+        while got < n:
+            b = self.recv(n - got)
+            if not b:
+                raise EOFError(f"unexpected EOF ({got} of {n} bytes)")
+            parts.append(b)
+            got += len(b)
+        return b"".join(parts)
+
+    # --- plumbing ---
+    def settimeout(self, t: Optional[float]) -> None:
+        self.stream.settimeout(t)
+
+    def gettimeout(self) -> Optional[float]:
+        return self.stream.gettimeout()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def shutdown_write(self) -> None:
+        s = self.stream
+        try:
+            if hasattr(s, "shutdown_write"):
+                s.shutdown_write()
+            else:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        s = self.stream
+        # shutdown() wakes a thread blocked in recv(); close() alone does not on Linux.
+        if hasattr(s, "shutdown"):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except (OSError, TypeError):
+                pass
+        try:
+            s.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "SecureConn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        r = self.remote_pk.hex() if self.remote_pk is not None else None
+        return f"<SecureConn remote_pk={r}>"
+
+
+# --- handshakes over a stream ------------------------------------------------------------
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, EOFError):
+        return "EOF"
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    if isinstance(e, (HandshakeError, ProtocolError)):
+        return str(e)
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    return str(e) or type(e).__name__
+
+
+def _run(sock, hs: Handshake, timeout: Optional[float], context: str) -> SecureConn:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not hs.complete:
+            if hs._my_turn():
+                write_frame(sock, hs.write_message())
+            else:
+                hs.read_message(read_frame(sock, deadline))
+        send, recv = hs.split()
+        sock.settimeout(None)
+    except (HandshakeError, ProtocolError, EOFError, OSError, ValueError) as e:
+        try:
+            sock.close()
+        except OSError:
+            pass
+        suffix = f" after {timeout:g}s" if isinstance(e, socket.timeout) and timeout is not None else ""
+        raise HandshakeError(f"noise handshake failed ({context}): {_describe(e)}{suffix}") from None
+    return SecureConn(sock, send, recv, hs.remote_pk, hs._spub, pq=hs.pq)
+
+
+def client_handshake(sock, local_sk: SecKey, remote_pk: PubKey, timeout: Optional[float] = limits.HANDSHAKE_TIMEOUT,
+                     pq: bool = True, require_pq: bool = False, *,
+                     ephemeral_sk: Optional[SecKey] = None) -> SecureConn:
+    """XK initiator over a stream, pinning the server's key. Closes `sock` on failure."""
+    hs = Handshake("XK", True, local_sk, remote_pk, ephemeral_sk=ephemeral_sk, pq=pq, require_pq=require_pq)
+    if timeout is not None:
+        sock.settimeout(timeout)
+    return _run(sock, hs, timeout, f"server key pinned to {PubKey(remote_pk).hex()}")
+
+
+def server_handshake(sock, local_sk: SecKey, timeout: Optional[float] = limits.HANDSHAKE_TIMEOUT,
+                     pq: bool = True, require_pq: bool = False, *,
+                     ephemeral_sk: Optional[SecKey] = None) -> SecureConn:
+    """XK responder over a stream; the client's key is `.remote_pk`. Closes `sock` on failure."""
+    hs = Handshake("XK", False, local_sk, None, ephemeral_sk=ephemeral_sk, pq=pq, require_pq=require_pq)
+    try:
+        peer = sock.getpeername()
+        context = f"from {peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "responder"
+    except (OSError, AttributeError):
+        context = "responder"
+    if timeout is not None:
+        sock.settimeout(timeout)
+    return _run(sock, hs, timeout, context)

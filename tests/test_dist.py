@@ -1,0 +1,52 @@
+"""Smoke test of the two single-file artefacts (`make dist-test` builds them first).
+
+Each artefact runs `--version`, makes a config, hosts (`cli pty host`) and connects to itself
+(`cli pty shell … -- true`), all as real processes on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port, stop_process, wait_port
+
+DIST = os.environ.get("SKYPTY_DIST") or os.path.join(ROOT, "dist")
+ARTEFACTS = {
+    "zipapp": [sys.executable, os.path.join(DIST, "skypty.pyz")],
+    "onefile": [os.path.join(DIST, "skypty")],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ARTEFACTS))
+def test_artefact_hosts_and_connects(kind, tmp_path):
+    argv = ARTEFACTS[kind]
+    if not os.path.exists(argv[-1]):
+        pytest.skip(f"{argv[-1]} not built (run `make dist-test`)")
+    r = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("skypty "), r.stderr
+
+    host_cfg, client_cfg = tmp_path / "host.json", tmp_path / "client.json"
+    for cfg in (host_cfg, client_cfg):
+        r = subprocess.run(argv + ["app", "pty", "dmsg", "confgen", str(cfg)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+    host, client = json.loads(host_cfg.read_text()), json.loads(client_cfg.read_text())
+
+    port = free_port()
+    p = subprocess.Popen(argv + ["cli", "pty", "host", "-l", f"127.0.0.1:{port}", "-c", str(host_cfg),
+                                 "--allow", client["pk"]],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, timeout=30)
+        r = subprocess.run(argv + ["cli", "pty", "shell", f"{host['pk']}@127.0.0.1:{port}", "-s", client["sk"],
+                                   "--", "sh", "-c", "echo hi; exit 3"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout == "hi\n", r.stderr
+        assert r.returncode == 3
+    finally:
+        stop_process(p)
+        p.stderr.close()
