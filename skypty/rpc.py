@@ -1,0 +1,386 @@
+"""Go net/rpc (gob codec) over any byte stream: a concurrent server and a concurrent client.
+
+Wire (pty.md §2.5): a call is gob Request{ServiceMethod, Seq} then the argument; a reply is
+gob Response{ServiceMethod, Seq, Error} then the reply value, or struct{} when Error is set.
+One gob encoder and one decoder per direction for the connection's lifetime.
+
+`conn` is anything socket-like: sendall(data), recv(n) (b"" at EOF), close(); shutdown()
+and settimeout() are used when present. The rpc layer clears the socket timeout (sessions
+idle for hours); RPCClient.call(timeout=…) bounds each call instead.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import limits
+from .errors import ProtocolError, SkyptyError
+from .gob import DEFAULT_FIRST_ID, EMPTY, Decoder, Encoder, GobType
+from .gobtypes import RPC_REQUEST, RPC_RESPONSE
+
+__all__ = [
+    "RPCError", "RPCClosedError", "RPCTimeout", "Method", "RPCServer", "RPCClient",
+    "BufferedReader",
+]
+
+log = logging.getLogger("skypty.rpc")
+
+
+class RPCError(SkyptyError):
+    """The remote method failed: str(exc) is Response.Error exactly."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class RPCClosedError(SkyptyError, ConnectionError):
+    """The rpc connection ended (or was closed) before the call got its reply."""
+
+
+class RPCTimeout(SkyptyError, TimeoutError):
+    """No reply within the call's timeout (the connection stays usable)."""
+
+
+class Method:
+    """One rpc method: fn(arg) -> reply; raising makes the call fail with str(exc).
+
+    Calls run concurrently, as in Go. ordered=True runs this method's calls one at a time in
+    arrival order (pipelined pty.Write calls must not overtake each other); other methods,
+    e.g. a blocked Read, are not held up by it."""
+
+    __slots__ = ("name", "arg_type", "reply_type", "fn", "ordered")
+
+    def __init__(self, name: str, arg_type: GobType, reply_type: GobType, fn: Callable[[Any], Any],
+                 ordered: bool = False):
+        self.name, self.arg_type, self.reply_type, self.fn = name, arg_type, reply_type, fn
+        self.ordered = ordered
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r})"
+
+
+class BufferedReader:
+    """read_exact(n) over conn.recv with a read-ahead buffer (few recv calls per message).
+    Returns fewer than n bytes only at end of stream."""
+
+    def __init__(self, conn: Any, bufsize: int = 65536):
+        self._conn = conn
+        self._buf = bytearray()
+        self._bufsize = bufsize
+        self._eof = False
+
+    def read_exact(self, n: int) -> bytes:
+        buf = self._buf
+        while len(buf) < n and not self._eof:
+            # large messages are read in big chunks, but never more than the message needs + a bit
+            chunk = self._conn.recv(max(self._bufsize, min(n - len(buf), 4 << 20)))
+            if not chunk:
+                self._eof = True
+                break
+            buf += chunk
+        if n >= len(buf):
+            out = bytes(buf)
+            buf.clear()
+        else:
+            out = bytes(memoryview(buf)[:n])
+            del buf[:n]
+        return out
+
+
+def _no_timeout(conn: Any) -> None:
+    # an idle session is normal: a socket timeout would kill it mid-message
+    settimeout = getattr(conn, "settimeout", None)
+    if settimeout is not None:
+        try:
+            settimeout(None)
+        except OSError:
+            pass
+
+
+def _shutdown(conn: Any) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except Exception:  # not a socket, already closed, or no shutdown(): close() will do
+        pass
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
+Service = Tuple[str, Sequence[Method]]
+
+
+class RPCServer:
+    """Serves registered services on one connection. serve() blocks until the peer stops
+    sending; each call runs in its own thread, replies go out in completion order."""
+
+    def __init__(self, conn: Any, max_inflight: int = limits.RPC_MAX_INFLIGHT,
+                 first_id: int = DEFAULT_FIRST_ID):
+        self._conn = conn
+        _no_timeout(conn)
+        self._services: Dict[str, Dict[str, Method]] = {}
+        self._on_close: List[Callable[[], Any]] = []
+        self._enc = Encoder(None, first_id)
+        self._reader = BufferedReader(conn)
+        self._dec = Decoder(self._reader.read_exact)
+        self._wlock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_inflight)
+        self._threads: List[threading.Thread] = []
+        self._tlock = threading.Lock()
+        self._write_failed = False
+        # ordered methods: name -> [next ticket, ticket now allowed to run]
+        self._tickets: Dict[str, List[int]] = {}
+        self._turn = threading.Condition()
+        self._skipped: set = set()
+
+    def register(self, service_name: str, methods: Sequence[Method],
+                 on_close: Optional[Callable[[], Any]] = None) -> None:
+        self._services.setdefault(service_name, {}).update({m.name: m for m in methods})
+        if on_close is not None:
+            self._on_close.append(on_close)
+
+    def on_close(self, fn: Callable[[], Any]) -> None:
+        """Run fn() (once) when the connection ends, before waiting for running calls."""
+        self._on_close.append(fn)
+
+    # ---------------------------------------------------------------------------------
+    def _lookup(self, sm: str) -> Tuple[Optional[Method], str]:
+        dot = sm.rfind(".")
+        if dot < 0:
+            return None, "rpc: service/method request ill-formed: " + sm
+        svc = self._services.get(sm[:dot])
+        if svc is None:
+            return None, "rpc: can't find service " + sm
+        m = svc.get(sm[dot + 1:])
+        if m is None:
+            return None, "rpc: can't find method " + sm
+        return m, ""
+
+    def _send(self, sm: str, seq: int, err: str, reply_type: GobType, reply: Any) -> None:
+        hdr = {"ServiceMethod": sm, "Seq": seq, "Error": err}
+        with self._wlock:
+            if self._write_failed:
+                return
+            try:
+                data = self._enc.encode_many([(RPC_RESPONSE, hdr), (reply_type, reply)])
+            except (ValueError, TypeError, AttributeError) as e:
+                log.warning("rpc: cannot encode reply of %s: %s", sm, e)
+                hdr["Error"] = f"rpc: cannot encode reply: {e}"
+                data = self._enc.encode_many([(RPC_RESPONSE, hdr), (EMPTY, {})])
+            try:
+                self._conn.sendall(data)
+            except OSError as e:
+                # the peer is gone; the read loop will notice, later replies are dropped
+                self._write_failed = True
+                log.debug("rpc: reply to %s not sent: %s", sm, e)
+
+    def _run(self, m: Method, sm: str, seq: int, arg: Any, ticket: int) -> None:
+        try:
+            if ticket >= 0:
+                with self._turn:
+                    while self._tickets[sm][1] != ticket:
+                        self._turn.wait()
+            try:
+                reply = m.fn(arg)
+            except Exception as e:  # any failure travels to the caller as its text
+                text = str(e) or type(e).__name__
+                self._send(sm, seq, text, EMPTY, {})
+            else:
+                self._send(sm, seq, "", m.reply_type, reply)
+        finally:
+            if ticket >= 0:
+                self._done_turn(sm, ticket)
+            self._slots.release()
+
+    def _done_turn(self, sm: str, ticket: int) -> None:
+        with self._turn:
+            tk = self._tickets[sm]
+            self._skipped.add((sm, ticket))
+            while (sm, tk[1]) in self._skipped:   # a call that never ran passes its turn on too
+                self._skipped.discard((sm, tk[1]))
+                tk[1] += 1
+            self._turn.notify_all()
+
+    def _spawn(self, m: Method, sm: str, seq: int, arg: Any) -> None:
+        ticket = -1
+        if m.ordered:
+            with self._turn:
+                tk = self._tickets.setdefault(sm, [0, 0])
+                ticket = tk[0]
+                tk[0] += 1
+        t = threading.Thread(target=self._run, args=(m, sm, seq, arg, ticket), daemon=True,
+                             name=f"rpc-{sm}-{seq}")
+        with self._tlock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        try:
+            t.start()
+        except RuntimeError as e:   # out of threads: fail this call, keep the connection
+            with self._tlock:
+                self._threads.remove(t)
+            if ticket >= 0:
+                self._done_turn(sm, ticket)
+            self._slots.release()
+            self._send(sm, seq, f"rpc: cannot start call: {e}", EMPTY, {})
+
+    def serve(self) -> None:
+        dec = self._dec
+        try:
+            while True:
+                try:
+                    hdr = dec.decode(RPC_REQUEST)
+                except EOFError:
+                    break
+                sm, seq = hdr["ServiceMethod"], hdr["Seq"]
+                m, err = self._lookup(sm)
+                if m is None:
+                    dec.skip()
+                    self._send(sm, seq, err, EMPTY, {})
+                    continue
+                try:
+                    arg = dec.decode(m.arg_type)
+                except ProtocolError as e:
+                    if dec.broken:
+                        raise
+                    # the message was read whole: say why, keep serving (as Go does)
+                    self._send(sm, seq, str(e), EMPTY, {})
+                    continue
+                self._slots.acquire()  # bounded in-flight calls: stop reading until one ends
+                self._spawn(m, sm, seq, arg)
+        except EOFError:
+            log.debug("rpc: peer closed mid-call")
+        except (ProtocolError, OSError) as e:
+            log.info("rpc: connection ended: %s", e)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        for fn in self._on_close:
+            try:
+                fn()
+            except Exception:
+                log.exception("rpc: on_close callback failed")
+        self._on_close = []
+        with self._tlock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + limits.RPC_DRAIN_TIMEOUT
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        _shutdown(self._conn)
+
+    def close(self) -> None:
+        """Close the connection (serve() then returns after the cleanup)."""
+        _shutdown(self._conn)
+
+
+class _Call:
+    __slots__ = ("reply_type", "event", "reply", "error")
+
+    def __init__(self, reply_type: GobType):
+        self.reply_type = reply_type
+        self.event = threading.Event()
+        self.reply: Any = None
+        self.error: Optional[BaseException] = None
+
+
+class RPCClient:
+    """A net/rpc client: call() is thread-safe; concurrent calls are matched by Seq."""
+
+    def __init__(self, conn: Any, first_id: int = DEFAULT_FIRST_ID):
+        self._conn = conn
+        _no_timeout(conn)
+        self._enc = Encoder(None, first_id)
+        self._dec = Decoder(BufferedReader(conn).read_exact)
+        self._seq = 0
+        self._pending: Dict[int, _Call] = {}
+        self._lock = threading.Lock()     # _pending, _dead
+        self._wlock = threading.Lock()    # seq order == wire order, one writer
+        self._dead: Optional[str] = None
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="rpc-client")
+        self._reader.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._dead is not None
+
+    def call(self, method: str, arg_type: GobType, arg: Any, reply_type: GobType,
+             timeout: Optional[float] = None) -> Any:
+        c = _Call(reply_type)
+        with self._wlock:
+            with self._lock:
+                if self._dead is not None:
+                    raise RPCClosedError(f"rpc {method}: {self._dead}")
+                seq = self._seq
+            # may raise ValueError/TypeError for a bad argument: nothing was sent then
+            data = self._enc.encode_many([(RPC_REQUEST, {"ServiceMethod": method, "Seq": seq}),
+                                          (arg_type, arg)])
+            with self._lock:
+                self._seq += 1
+                self._pending[seq] = c
+            try:
+                self._conn.sendall(data)
+            except OSError as e:
+                self._fail(f"connection lost: {e}")
+        if not c.event.wait(timeout):
+            with self._lock:
+                self._pending.pop(seq, None)
+            if not c.event.is_set():
+                raise RPCTimeout(f"rpc {method}: no reply within {timeout:g}s")
+        if c.error is not None:
+            raise c.error
+        return c.reply
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            if self._dead is None:
+                self._dead = reason
+            pending, self._pending = self._pending, {}
+        for c in pending.values():
+            c.error = RPCClosedError(f"rpc: {reason}")
+            c.event.set()
+
+    def _read_loop(self) -> None:
+        dec = self._dec
+        reason = "connection closed by peer"
+        try:
+            while True:
+                hdr = dec.decode(RPC_RESPONSE)
+                seq, err = hdr["Seq"], hdr["Error"]
+                with self._lock:
+                    c = self._pending.pop(seq, None)
+                if c is None or err:
+                    if c is not None:
+                        c.error = RPCError(err)
+                        c.event.set()
+                    dec.skip()   # late reply to a timed-out call, or struct{} with an error
+                    continue
+                try:
+                    c.reply = dec.decode(c.reply_type)
+                except ProtocolError as e:
+                    if dec.broken:
+                        c.error = e
+                        c.event.set()
+                        raise
+                    c.error = ProtocolError(f"rpc: reading body {e}")
+                c.event.set()
+        except EOFError:
+            pass
+        except (ProtocolError, OSError) as e:
+            reason = f"connection lost: {e}"
+        except Exception as e:  # never die silently: pending callers must wake up
+            log.exception("rpc client reader failed")
+            reason = f"connection lost: {e}"
+        finally:
+            self._fail(reason)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dead is None:
+                self._dead = "connection is shut down"
+        _shutdown(self._conn)
+        self._fail("connection is shut down")
