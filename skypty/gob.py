@@ -728,15 +728,16 @@ class Decoder:
         self._read = read_exact
         self._max = max_message
         self._wire: Dict[int, _Wire] = {}
+        self._def_bytes = 0
         self._plans: Dict[Tuple[int, Optional[GobType]], _Dec] = {}
         self.broken = False
 
     # framing --------------------------------------------------------------------------
     def _read_message(self) -> bytes:
+        first = self._read(1)   # failing here, before a byte of the message, leaves the stream in sync
+        if not first:
+            raise EOFError("end of gob stream")
         try:
-            first = self._read(1)
-            if not first:
-                raise EOFError("end of gob stream")
             b = first[0]
             if b < 0x80:
                 n = b
@@ -754,8 +755,9 @@ class Decoder:
             if len(body) != n:
                 raise ProtocolError("gob: unexpected EOF")
             return bytes(body)
-        except EOFError:
-            raise
+        except EOFError:   # a reader that raises instead of returning short: cut mid-message
+            self.broken = True
+            raise ProtocolError("gob: unexpected EOF") from None
         except BaseException:
             self.broken = True
             raise
@@ -782,6 +784,9 @@ class Decoder:
             raise ProtocolError("gob: duplicate type received")
         if len(self._wire) >= limits.GOB_MAX_TYPES:
             raise ProtocolError("gob: too many type definitions")
+        self._def_bytes += len(buf)
+        if self._def_bytes > limits.GOB_MAX_TYPE_BYTES:
+            raise ProtocolError("gob: type definitions too large")
         self._wire[tid] = _parse_wiretype(buf, pos)
 
     def _value(self, tid: int, buf: bytes, pos: int, t: Optional[GobType]) -> Any:
@@ -881,22 +886,11 @@ class Decoder:
         table: List[Tuple[Optional[str], _Dec]] = []
         nwire = len(w.fields)
         maxd = limits.GOB_MAX_DEPTH
-        if exp is None:
-            def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-                if depth > maxd:
-                    raise ProtocolError("gob: value nested too deeply")
-                field = -1
-                while True:
-                    delta, pos = _rd_uint(buf, pos)
-                    if delta == 0:
-                        return None, pos
-                    field += delta
-                    if field >= nwire:
-                        raise ProtocolError("gob: field number out of range")
-                    _, pos = table[field][1](buf, pos, depth + 1)
-        else:
-            immutable: Dict[str, Any] = {}
-            mutable: List[Tuple[str, GobType]] = []
+        # Skipping (exp None) builds nothing: every table entry is then (None, skipper).
+        immutable: Optional[Dict[str, Any]] = None
+        mutable: List[Tuple[str, GobType]] = []
+        if exp is not None:
+            immutable = {}
             for fname, ft in exp.fields:
                 z = zero_value(ft)
                 if isinstance(z, (list, dict)):
@@ -904,24 +898,26 @@ class Decoder:
                 else:
                     immutable[fname] = z
 
-            def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-                if depth > maxd:
-                    raise ProtocolError("gob: value nested too deeply")
+        def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
+            if depth > maxd:
+                raise ProtocolError("gob: value nested too deeply")
+            d = None
+            if immutable is not None:
                 d = dict(immutable)
                 for fname, ft in mutable:
                     d[fname] = zero_value(ft)
-                field = -1
-                while True:
-                    delta, pos = _rd_uint(buf, pos)
-                    if delta == 0:
-                        return d, pos
-                    field += delta
-                    if field >= nwire:
-                        raise ProtocolError("gob: field number out of range")
-                    fname, fdec = table[field]
-                    val, pos = fdec(buf, pos, depth + 1)
-                    if fname is not None:
-                        d[fname] = val
+            field = -1
+            while True:
+                delta, pos = _rd_uint(buf, pos)
+                if delta == 0:
+                    return d, pos
+                field += delta
+                if field >= nwire:
+                    raise ProtocolError("gob: field number out of range")
+                fname, fdec = table[field]
+                val, pos = fdec(buf, pos, depth + 1)
+                if fname is not None:
+                    d[fname] = val  # type: ignore[index]
         # registered before the fields are compiled so that recursive wire types terminate
         self._plans[(wid, exp)] = dec
         exp_fields = dict(exp.fields) if exp is not None else {}
@@ -937,20 +933,13 @@ class Decoder:
         if exp is not None and not isinstance(exp, Slice):
             raise self._mismatch(wid, exp)
         cell: List[_Dec] = []
-        maxd = limits.GOB_MAX_DEPTH
+        keep = exp is not None
 
         def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-            if depth > maxd:
-                raise ProtocolError("gob: value nested too deeply")
             n, pos = _rd_uint(buf, pos)
             if n > limits.GOB_MAX_SLICE or n > len(buf) - pos:
                 raise ProtocolError(f"gob: slice of {n} elements exceeds the limits")
-            edec = cell[0]
-            out = []
-            for _ in range(n):
-                v, pos = edec(buf, pos, depth + 1)
-                out.append(v)
-            return (None if exp is None else out), pos
+            return _elements(cell[0], n, buf, pos, depth, keep)
         self._plans[(wid, exp)] = dec
         eexp = None if exp is None else exp.elem  # type: ignore[attr-defined]
         cell.append(self._plan(w.elem, eexp, cdepth + 1))
@@ -971,23 +960,15 @@ class Decoder:
             eexp = None
         length = w.length
         cell: List[_Dec] = []
-        maxd = limits.GOB_MAX_DEPTH
+        keep = exp is not None
 
         def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-            if depth > maxd:
-                raise ProtocolError("gob: value nested too deeply")
             n, pos = _rd_uint(buf, pos)
             if n != length:
                 raise ProtocolError("gob: length mismatch in array")
             if n > len(buf) - pos:
                 raise ProtocolError("gob: array exceeds the message")
-            edec = cell[0]
-            out = []
-            for _ in range(n):
-                v, pos = edec(buf, pos, depth + 1)
-                out.append(v)
-            if exp is None:
-                return None, pos
+            out, pos = _elements(cell[0], n, buf, pos, depth, keep)
             return (bytes(out) if as_bytes else out), pos
         self._plans[(wid, exp)] = dec
         cell.append(self._plan(w.elem, eexp, cdepth + 1))
@@ -1022,6 +1003,22 @@ class Decoder:
         cell.append(self._plan(w.key, kexp, cdepth + 1))
         cell.append(self._plan(w.elem, eexp, cdepth + 1))
         return dec
+
+
+def _elements(edec: _Dec, n: int, buf: bytes, pos: int, depth: int, keep: bool) -> Tuple[Any, int]:
+    """n values of a slice or array; when skipping (keep=False) nothing is kept, so an
+    unwanted field costs no memory however many elements it has."""
+    if depth > limits.GOB_MAX_DEPTH:
+        raise ProtocolError("gob: value nested too deeply")
+    if not keep:
+        for _ in range(n):
+            pos = edec(buf, pos, depth + 1)[1]
+        return None, pos
+    out = []
+    for _ in range(n):
+        v, pos = edec(buf, pos, depth + 1)
+        out.append(v)
+    return out, pos
 
 
 def _skip_uint(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:

@@ -36,16 +36,25 @@ class SignatureError(ProtocolError):
     """A signature that is malformed or was not made by the expected key."""
 
 
-def _short(s: str) -> str:
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
-def _unhex(s: str, what: str) -> bytes:
+def _unhex(s: str, what: str, want: int) -> bytes:
+    # Never echo the text: a secret key pasted where a public key belongs (or with a stray
+    # "0x" or newline) would end up in logs and terminals.
     if not isinstance(s, str):
         raise KeyFormatError(f"invalid {what}: expected a hex string, got {type(s).__name__}")
-    if not _HEX.match(s) or len(s) % 2:
+    if not _HEX.match(s):
         raise KeyFormatError(f"invalid {what}: not a hex string")
+    if len(s) != want * 2:
+        raise KeyFormatError(f"invalid {what}: {len(s)} hex characters, want {want * 2}")
     return bytes.fromhex(s)
+
+
+def _raw(b: object, what: str, want: int) -> bytes:
+    if not isinstance(b, (bytes, bytearray, memoryview)):
+        raise KeyFormatError(f"invalid {what}: expected bytes, got {type(b).__name__}")
+    b = bytes(b)
+    if len(b) != want:
+        raise KeyFormatError(f"invalid {what}: length {len(b)}, want {want} bytes ({want * 2} hex characters)")
+    return b
 
 
 class PubKey:
@@ -54,24 +63,17 @@ class PubKey:
     __slots__ = ("_b",)
 
     def __init__(self, b: bytes) -> None:
-        # The null key (Go's zero value, "absent") is representable: gob carries PubKey as a
-        # plain [33]byte array, so the zero value must round-trip. It is rejected by every
-        # operation that needs a real point (ecdh, verify, handshakes).
-        if isinstance(b, PubKey):
-            b = b._b
-        if not isinstance(b, (bytes, bytearray, memoryview)):
-            raise KeyFormatError(f"invalid public key: expected bytes, got {type(b).__name__}")
-        b = bytes(b)
-        if len(b) != PUBKEY_LEN:
-            raise KeyFormatError(f"invalid public key: length {len(b)}, want {PUBKEY_LEN} bytes"
-                                 f" ({PUBKEY_LEN * 2} hex characters, compressed form)")
+        # The null key (Go's zero value, "absent") is representable: Go peers send it (gob,
+        # discovery entries), so it must round-trip. It is rejected by every operation that
+        # needs a real point (ecdh, verify, handshakes).
+        b = _raw(b._b if isinstance(b, PubKey) else b, "public key", PUBKEY_LEN)
         if b != _NULL_PK:
             if b[0] not in (2, 3):
-                raise KeyFormatError(f"invalid public key {b.hex()}: not a compressed point (prefix must be 02 or 03)")
+                raise KeyFormatError("invalid public key: not a compressed point (prefix must be 02 or 03)")
             try:
                 coincurve.PublicKey(b)
             except Exception:
-                raise KeyFormatError(f"invalid public key {b.hex()}: not a point on secp256k1") from None
+                raise KeyFormatError("invalid public key: not a point on secp256k1") from None
         object.__setattr__(self, "_b", b)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -85,10 +87,7 @@ class PubKey:
         """Parse 66 hex characters (any case). A string of only '0' (or "") is the null key."""
         if isinstance(s, str) and s.strip("0") == "":
             return cls.null()
-        if isinstance(s, str) and _HEX.match(s) and len(s) != PUBKEY_LEN * 2:
-            raise KeyFormatError(f"invalid public key {_short(s)!r}: {len(s)} hex characters, want {PUBKEY_LEN * 2}")
-        b = _unhex(s, f"public key {_short(s)!r}" if isinstance(s, str) else "public key")
-        return cls(b)
+        return cls(_unhex(s, "public key", PUBKEY_LEN))
 
     @classmethod
     def null(cls) -> "PubKey":
@@ -112,8 +111,10 @@ class PubKey:
         r = self.__eq__(other)
         return r if r is NotImplemented else not r
 
-    def __lt__(self, other: "PubKey") -> bool:
-        return self._b < other._b
+    def __lt__(self, other: object) -> bool:
+        if isinstance(other, PubKey):
+            return self._b < other._b
+        return NotImplemented
 
     def __hash__(self) -> int:
         return hash((PubKey, self._b))
@@ -124,11 +125,6 @@ class PubKey:
     def __repr__(self) -> str:
         return f"PubKey('{self._b.hex()}')"
 
-    def _point(self) -> coincurve.PublicKey:
-        if self.is_null():
-            raise KeyFormatError("the null public key cannot be used here")
-        return coincurve.PublicKey(self._b)
-
 
 class SecKey:
     """A secp256k1 secret key: a 32-byte big-endian scalar k with 1 <= k < n."""
@@ -136,14 +132,7 @@ class SecKey:
     __slots__ = ("_b", "_cc", "_pk")
 
     def __init__(self, b: bytes) -> None:
-        if isinstance(b, SecKey):
-            b = b._b
-        if not isinstance(b, (bytes, bytearray, memoryview)):
-            raise KeyFormatError(f"invalid secret key: expected bytes, got {type(b).__name__}")
-        b = bytes(b)
-        if len(b) != SECKEY_LEN:
-            raise KeyFormatError(f"invalid secret key: length {len(b)}, want {SECKEY_LEN} bytes"
-                                 f" ({SECKEY_LEN * 2} hex characters)")
+        b = _raw(b._b if isinstance(b, SecKey) else b, "secret key", SECKEY_LEN)
         try:
             cc = coincurve.PrivateKey(b)   # rejects 0 and >= n
         except Exception:
@@ -154,10 +143,7 @@ class SecKey:
 
     @classmethod
     def from_hex(cls, s: str) -> "SecKey":
-        # Never echo the text: it may be a real secret with a typo.
-        if isinstance(s, str) and _HEX.match(s) and len(s) != SECKEY_LEN * 2:
-            raise KeyFormatError(f"invalid secret key: {len(s)} hex characters, want {SECKEY_LEN * 2}")
-        return cls(_unhex(s, "secret key"))
+        return cls(_unhex(s, "secret key", SECKEY_LEN))
 
     def hex(self) -> str:
         return self._b.hex()
@@ -203,8 +189,10 @@ def ecdh(sk: SecKey, pk: Union[PubKey, bytes]) -> bytes:
     libsecp256k1's default ECDH hash is exactly SHA256(0x02|parity(y) ‖ x), i.e. SHA256 of
     the compressed shared point, so no point ever leaves the library.
     """
-    pt = _as_pk(pk)._point()
-    return sk._cc.ecdh(pt.format(compressed=True))
+    pk = _as_pk(pk)
+    if pk.is_null():
+        raise KeyFormatError("the null public key cannot be used here")
+    return sk._cc.ecdh(bytes(pk))
 
 
 def noise_dh(sk: SecKey, pk: Union[PubKey, bytes]) -> bytes:

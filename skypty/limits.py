@@ -113,3 +113,17 @@ FS_READ_CHUNK = 128 * 1024             # one pipelined READ request
 FS_READAHEAD_CHUNKS = 16               # READ requests in flight per sequentially read file
 FS_WRITE_INFLIGHT = 8 * 1024 * 1024    # unacknowledged WRITE bytes per open file
 FS_READDIR_PIPELINE = 8                # READDIR requests in flight per directory listing
+FS_CACHE_MAX = 200_000                 # cached attributes / listings kept by a mount
+
+# client: a host sheds load by closing before its handshake reply (like sshd's MaxStartups);
+# the client retries such a close after these jittered pauses (x 0.5-1.0) before giving up
+CLIENT_HANDSHAKE_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+# gob (ours): bytes of type definitions one decoder accepts; the protocol's own are < 1 KiB, and
+# each defined field costs ~100x its wire size in memory
+GOB_MAX_TYPE_BYTES = 256 * 1024
+FS_MAX_DIR_ENTRIES = 1_000_000         # entries of one directory listing the mount accepts
+SFTP_MAX_HANDLES = 1024                # open files per sftp session on the host
+NODE_RPC_DIAL_TIMEOUT = 5.0            # client -> node RPC (localhost:3435), as upstream
+NODE_RPC_BUDGET = 15.0                 # the node's own dial budget on top of TimeoutMS (pty.md §11)
+EXEC_CALL_SLACK = 15.0                 # client: wait this much past the remote timeout for an Exec reply

@@ -36,7 +36,7 @@ class Peer(NamedTuple):
     path: str   # "tcp" | "dmsg" | "control"
 
     def describe(self) -> str:
-        pk = self.pk.hex() if self.pk is not None and hasattr(self.pk, "hex") else "-"
+        pk = self.pk.hex() if self.pk is not None else "-"
         return f"{pk}@{self.addr} ({self.path})"
 
 

@@ -65,6 +65,7 @@ _TAG = 16
 _U16 = struct.Struct(">H")
 _HDR = struct.Struct(">HQ")  # frame length + record nonce, written together
 _MAX_NONCE = (1 << 64) - 1
+_MAX_OBJECT_PLAINTEXT = 0xFFFF - 8 - 16   # a u16 frame body holds the nonce and the tag too
 _ZERO4 = b"\x00\x00\x00\x00"
 
 # (pre-message keys, message token lists); "rs" = responder static, "is" = initiator static
@@ -336,13 +337,20 @@ def _pq_mix(k: bytes, ss: bytes, h: bytes) -> bytes:
 # --- transport records ---------------------------------------------------------------------
 
 class SendCipher:
-    """Seals transport records: body = [u64 BE n][AEAD(k, 0^32 ‖ LE64(n), b"", pt)], n from 1."""
+    """Seals transport records: body = [u64 BE n][AEAD(k, 0^32 ‖ LE64(n), b"", pt)], n from 1.
 
-    __slots__ = ("_aead", "_n")
+    A lock hands out each nonce exactly once, even to careless concurrent callers: a nonce
+    reused under ChaCha20-Poly1305 leaks the XOR of two plaintexts and the MAC key. Wire
+    order is still the caller's job (a strict reader refuses a smaller nonce after a larger
+    one): SecureConn seals and writes under one lock.
+    """
+
+    __slots__ = ("_aead", "_n", "_lock")
 
     def __init__(self, key: bytes) -> None:
         self._aead = ChaCha20Poly1305(bytes(key))
         self._n = 0
+        self._lock = threading.Lock()
 
     @property
     def nonce(self) -> int:
@@ -350,13 +358,23 @@ class SendCipher:
         return self._n
 
     def seal(self, plaintext: bytes) -> bytes:
-        if len(plaintext) > limits.NOISE_MAX_PLAINTEXT:
-            raise ValueError(f"record plaintext {len(plaintext)} > {limits.NOISE_MAX_PLAINTEXT} bytes")
-        if self._n >= _MAX_NONCE:
-            raise ProtocolError("noise: send nonce exhausted")
-        self._n += 1
-        n = self._n
-        return n.to_bytes(8, "big") + self._aead.encrypt(_ZERO4 + n.to_bytes(8, "little"), plaintext, None)
+        """One stream record (≤ 4070 plaintext bytes)."""
+        return self._seal(plaintext, limits.NOISE_MAX_PLAINTEXT)
+
+    def seal_object(self, plaintext: bytes) -> bytes:
+        """One record of up to 65511 plaintext bytes, for dmsg session objects: Go frames
+        those with any u16 length, so a SignedObject larger than 4070 bytes is one record."""
+        return self._seal(plaintext, _MAX_OBJECT_PLAINTEXT)
+
+    def _seal(self, plaintext: bytes, cap: int) -> bytes:
+        if len(plaintext) > cap:
+            raise ValueError(f"record plaintext {len(plaintext)} > {cap} bytes")
+        with self._lock:
+            if self._n >= _MAX_NONCE:
+                raise ProtocolError("noise: send nonce exhausted")
+            self._n += 1
+            n = self._n
+            return n.to_bytes(8, "big") + self._aead.encrypt(_aead_nonce(n), plaintext, None)
 
     def seal_frames(self, data) -> bytearray:
         """All framed records ([u16 len][body]…) for one write, split at 4070 bytes.
@@ -370,33 +388,35 @@ class SendCipher:
             return bytearray()
         step = limits.NOISE_MAX_PLAINTEXT
         count = (total + step - 1) // step
-        if self._n + count > _MAX_NONCE:
-            raise ProtocolError("noise: send nonce exhausted")
         out = bytearray(total + count * (2 + 8 + _TAG))
         ov = memoryview(out)
         pack_into = _HDR.pack_into
         enc = self._aead.encrypt_into
-        n = self._n
+        with self._lock:
+            if self._n + count > _MAX_NONCE:
+                raise ProtocolError("noise: send nonce exhausted")
+            n = self._n
+            self._n = n + count
         pos = 0
         for off in range(0, total, step):
             chunk = mv[off:off + step]
             clen = len(chunk)
             n += 1
             pack_into(out, pos, clen + 8 + _TAG, n)
-            enc(_ZERO4 + n.to_bytes(8, "little"), chunk, None, ov[pos + 10:pos + 10 + clen + _TAG])
+            enc(_aead_nonce(n), chunk, None, ov[pos + 10:pos + 10 + clen + _TAG])
             pos += 10 + clen + _TAG
-        self._n = n
         return out
 
 
 class RecvCipher:
     """Opens transport records; with `strict` each nonce must exceed the last accepted one."""
 
-    __slots__ = ("_aead", "_last", "strict")
+    __slots__ = ("_aead", "_last", "_lock", "strict")
 
     def __init__(self, key: bytes, strict: bool = True) -> None:
         self._aead = ChaCha20Poly1305(bytes(key))
         self._last = 0
+        self._lock = threading.Lock()  # check-and-advance of _last is one step: no replay slips between
         self.strict = strict
 
     @property
@@ -408,14 +428,15 @@ class RecvCipher:
         if len(body) < 8 + _TAG:
             raise ProtocolError(f"noise: transport record too short ({len(body)} bytes)")
         n = int.from_bytes(body[:8], "big")
-        if self.strict and n <= self._last:
-            raise ProtocolError(f"noise: received nonce {n} is not larger than the previous one ({self._last})")
-        try:
-            pt = self._aead.decrypt(_ZERO4 + n.to_bytes(8, "little"), body[8:], None)
-        except InvalidTag:
-            raise ProtocolError("noise: transport record failed authentication") from None
-        if n > self._last:
-            self._last = n
+        with self._lock:
+            if self.strict and n <= self._last:
+                raise ProtocolError(f"noise: received nonce {n} is not larger than the previous one ({self._last})")
+            try:
+                pt = self._aead.decrypt(_aead_nonce(n), body[8:], None)
+            except InvalidTag:
+                raise ProtocolError("noise: transport record failed authentication") from None
+            if n > self._last:
+                self._last = n
         return pt
 
 
@@ -439,13 +460,15 @@ def _read_exact(stream, n: int, deadline: Optional[float] = None) -> bytes:
     return bytes(buf)
 
 
-def read_frame(stream, _deadline: Optional[float] = None) -> bytes:
-    """Read one [u16 BE len][body] frame. EOFError at a clean end, ProtocolError on a bad or cut frame."""
-    (length,) = _U16.unpack(_read_exact(stream, 2, _deadline))
-    if length > limits.NOISE_MAX_BODY:
-        raise ProtocolError(f"noise: frame length {length} exceeds the maximum {limits.NOISE_MAX_BODY}")
+def read_frame(stream, deadline: Optional[float] = None, max_len: int = limits.NOISE_MAX_BODY) -> bytes:
+    """Read one [u16 BE len][body] frame. EOFError at a clean end, ProtocolError on a bad or cut
+    frame; socket.timeout once `deadline` (time.monotonic()) passes. dmsg session objects pass
+    max_len=65535 (any u16 is legal there)."""
+    (length,) = _U16.unpack(_read_exact(stream, 2, deadline))
+    if length > max_len:
+        raise ProtocolError(f"noise: frame length {length} exceeds the maximum {max_len}")
     try:
-        return _read_exact(stream, length, _deadline) if length else b""
+        return _read_exact(stream, length, deadline) if length else b""
     except EOFError:
         raise ProtocolError(f"noise: unexpected EOF inside a frame (0 of {length} bytes)") from None
 
@@ -513,7 +536,6 @@ class SecureConn:
         raw = self._raw
         rc = self._recv
         while True:
-            # Parse every complete frame already buffered.
             pos = 0
             n = len(raw)
             got = False
@@ -652,6 +674,8 @@ def _describe(e: BaseException) -> str:
 def _run(sock, hs: Handshake, timeout: Optional[float], context: str) -> SecureConn:
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
+        if timeout is not None:
+            sock.settimeout(timeout)
         while not hs.complete:
             if hs._my_turn():
                 write_frame(sock, hs.write_message())
@@ -674,9 +698,7 @@ def client_handshake(sock, local_sk: SecKey, remote_pk: PubKey, timeout: Optiona
                      ephemeral_sk: Optional[SecKey] = None) -> SecureConn:
     """XK initiator over a stream, pinning the server's key. Closes `sock` on failure."""
     hs = Handshake("XK", True, local_sk, remote_pk, ephemeral_sk=ephemeral_sk, pq=pq, require_pq=require_pq)
-    if timeout is not None:
-        sock.settimeout(timeout)
-    return _run(sock, hs, timeout, f"server key pinned to {PubKey(remote_pk).hex()}")
+    return _run(sock, hs, timeout, f"server key pinned to {hs.remote_pk.hex()}")
 
 
 def server_handshake(sock, local_sk: SecKey, timeout: Optional[float] = limits.HANDSHAKE_TIMEOUT,
@@ -689,6 +711,4 @@ def server_handshake(sock, local_sk: SecKey, timeout: Optional[float] = limits.H
         context = f"from {peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "responder"
     except (OSError, AttributeError):
         context = "responder"
-    if timeout is not None:
-        sock.settimeout(timeout)
     return _run(sock, hs, timeout, context)

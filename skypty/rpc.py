@@ -168,16 +168,18 @@ class RPCServer:
                 return
             try:
                 data = self._enc.encode_many([(RPC_RESPONSE, hdr), (reply_type, reply)])
-            except (ValueError, TypeError, AttributeError) as e:
+            except Exception as e:   # a method's bad return value must still answer the caller
                 log.warning("rpc: cannot encode reply of %s: %s", sm, e)
                 hdr["Error"] = f"rpc: cannot encode reply: {e}"
                 data = self._enc.encode_many([(RPC_RESPONSE, hdr), (EMPTY, {})])
             try:
                 self._conn.sendall(data)
-            except OSError as e:
-                # the peer is gone; the read loop will notice, later replies are dropped
+            except (OSError, ProtocolError) as e:
+                # A peer that cannot take replies is gone: end the connection so serve()
+                # stops reading calls and runs on_close, instead of working for nobody.
                 self._write_failed = True
                 log.debug("rpc: reply to %s not sent: %s", sm, e)
+                _shutdown(self._conn)
 
     def _run(self, m: Method, sm: str, seq: int, arg: Any, ticket: int) -> None:
         try:
@@ -320,11 +322,15 @@ class RPCClient:
             data = self._enc.encode_many([(RPC_REQUEST, {"ServiceMethod": method, "Seq": seq}),
                                           (arg_type, arg)])
             with self._lock:
+                # Checked again: the reader may have died while we encoded, and a call
+                # registered after _fail() emptied the table would never be woken.
+                if self._dead is not None:
+                    raise RPCClosedError(f"rpc {method}: {self._dead}")
                 self._seq += 1
                 self._pending[seq] = c
             try:
                 self._conn.sendall(data)
-            except OSError as e:
+            except (OSError, ProtocolError) as e:
                 self._fail(f"connection lost: {e}")
         if not c.event.wait(timeout):
             with self._lock:

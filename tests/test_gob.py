@@ -8,6 +8,7 @@ only in ids; those are checked by decoding back.
 from __future__ import annotations
 
 import io
+import tracemalloc
 import random
 
 import pytest
@@ -506,3 +507,51 @@ def test_large_bytes_round_trip():
     assert gob.loads(T.READ_REPLY, gob.dumps(T.READ_REPLY, blob)) == blob
     res = dict(gob.zero_value(T.CommandExecResult), Stdout=b"o" * (1 << 20), Stderr=b"e", ExitCode=3)
     assert gob.loads(T.CommandExecResult, gob.dumps(T.CommandExecResult, res)) == res
+
+
+def test_skipped_fields_cost_no_memory():
+    """A peer padding a message with a huge field we do not know must not make us build it."""
+    sent = gob.Struct("T", [("A", gob.INT), ("Junk", gob.Slice(gob.INT)), ("Arr", gob.Array("Big", gob.INT, 500_000))])
+    data = gob.dumps(sent, {"A": 7, "Junk": [0] * 1_000_000, "Arr": [0] * 500_000})
+    want = gob.Struct("T", [("A", gob.INT)])
+    tracemalloc.start()
+    try:
+        assert gob.loads(want, data) == {"A": 7}
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(data)   # the message and its copies; a list per field would be 8 bytes/element
+
+
+def test_reader_that_raises_eof_mid_message_is_a_protocol_error():
+    """A read_exact that raises EOFError (like SecureConn.recv_exact) instead of returning short:
+    only an end between messages is a clean EOF; a cut message breaks the stream."""
+    data = gob.dumps(T.WinSize, {"X": 1, "Rows": 2})
+
+    def reader(src):
+        buf = io.BytesIO(src)
+
+        def read_exact(n):
+            b = buf.read(n)
+            if len(b) < n:
+                raise EOFError("unexpected EOF")
+            return b
+        return read_exact
+    with pytest.raises(EOFError):
+        gob.Decoder(reader(b"")).decode(T.WinSize)
+    for cut in (1, 2, len(data) - 1):
+        dec = gob.Decoder(reader(data[:cut]))
+        with pytest.raises(ProtocolError, match="unexpected EOF"):
+            dec.decode(T.WinSize)
+        assert dec.broken
+
+
+def test_huge_type_definitions_are_refused():
+    """Definitions are parsed into Python objects (~100x their size): their total is capped."""
+    wide = gob.Struct("Wide", [(f"F{i:06d}", gob.INT) for i in range(30_000)])
+    data = gob.dumps(wide, {})
+    assert len(data) > limits.GOB_MAX_TYPE_BYTES
+    with pytest.raises(ProtocolError, match="type definitions too large"):
+        gob.loads(wide, data)
+    ok = gob.Struct("Ok", [(f"F{i:06d}", gob.INT) for i in range(1_000)])
+    assert gob.loads(ok, gob.dumps(ok, {"F000007": 7}))["F000007"] == 7

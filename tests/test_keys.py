@@ -208,3 +208,23 @@ def test_signature_shape_checks():
         keys.recover(b"\x01" * 32, bytes(65))
     with pytest.raises(ValueError):
         keys.sign_hash(SecKey.from_hex(case["sk"]), b"short")
+
+
+@pytest.mark.parametrize("wrap", [lambda h: "0x" + h, lambda h: h + "\n", lambda h: "02" + h, lambda h: h[:-1]])
+def test_key_errors_never_echo_the_text(wrap):
+    """A secret pasted where a public key belongs must not land in an error message (or a log)."""
+    sk_hex = KEYS["cases"][0]["sk"]
+    for parse, text in ((PubKey.from_hex, sk_hex), (PubKey.from_hex, wrap(sk_hex)), (SecKey.from_hex, wrap(sk_hex))):
+        with pytest.raises(KeyFormatError) as ei:
+            parse(text)
+        assert sk_hex[:16] not in str(ei.value)
+    with pytest.raises(KeyFormatError) as ei:
+        PubKey(bytes.fromhex("04" + sk_hex))
+    assert sk_hex[:16] not in str(ei.value)
+
+
+def test_pubkey_ordering_with_other_types():
+    pk = PubKey.from_hex(KEYS["cases"][0]["pk"])
+    assert sorted([pk, PubKey.null()])[0].is_null()
+    with pytest.raises(TypeError):
+        pk < "02"

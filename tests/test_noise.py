@@ -5,7 +5,9 @@ import hashlib
 import os
 import socket
 import struct
+import sys
 import threading
+import time
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -754,3 +756,75 @@ def test_without_mlkem_pq_degrades_to_classical(monkeypatch):
         assert not cli.pq and not srv.pq
         cli.sendall(b"classical")
         assert srv.recv_exact(9) == b"classical"
+
+
+def test_send_nonce_overflow_is_refused_and_nothing_advances():
+    key = os.urandom(32)
+    s = SendCipher(key)
+    s._n = (1 << 64) - 3
+    assert int.from_bytes(s.seal(b"a")[:8], "big") == (1 << 64) - 2
+    with pytest.raises(ProtocolError, match="exhausted"):
+        s.seal_frames(b"x" * (limits.NOISE_MAX_PLAINTEXT + 1))   # needs two nonces, one is left
+    assert s.nonce == (1 << 64) - 2
+    assert int.from_bytes(s.seal_object(b"b")[:8], "big") == (1 << 64) - 1
+    for seal in (s.seal, s.seal_object, s.seal_frames):
+        with pytest.raises(ProtocolError, match="exhausted"):
+            seal(b"c")
+    assert s.nonce == (1 << 64) - 1
+
+
+def test_concurrent_seals_never_reuse_a_nonce():
+    """Callers that forget to serialise must still never get one nonce twice."""
+    s = SendCipher(os.urandom(32))
+    got = [[] for _ in range(6)]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads as often as possible
+    try:
+        def work(out):
+            for _ in range(1500):
+                out.append(int.from_bytes(s.seal(b"x")[:8], "big"))
+                out.append(int.from_bytes(s.seal_frames(b"y")[2:10], "big"))
+        threads = [threading.Thread(target=work, args=(g,)) for g in got]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old)
+    flat = [n for g in got for n in g]
+    assert len(flat) == 6 * 3000 and sorted(flat) == list(range(1, 6 * 3000 + 1))
+
+
+def test_seal_object_is_one_large_record():
+    key = os.urandom(32)
+    s, r = SendCipher(key), RecvCipher(key, strict=False)
+    big = os.urandom(0xFFFF - 8 - 16)
+    body = s.seal_object(big)
+    assert len(body) == 0xFFFF and r.open(body) == big and s.nonce == 1
+    assert r.open(s.seal(b"small")) == b"small"      # one counter for both kinds of record
+    with pytest.raises(ValueError):
+        s.seal_object(big + b"!")
+    assert s.nonce == 2
+
+
+def test_read_frame_max_len_and_deadline():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(struct.pack(">H", 5000) + b"z" * 5000)
+        assert read_frame(b, None, max_len=0xFFFF) == b"z" * 5000
+        a.sendall(struct.pack(">H", 5000))
+        with pytest.raises(ProtocolError, match="exceeds the maximum 4094"):
+            read_frame(b)
+        with pytest.raises(socket.timeout):
+            read_frame(b, deadline=time.monotonic() - 1)
+
+
+def test_handshake_on_a_dead_socket_is_a_handshake_error():
+    """Every failure of the pre-auth step, even the first settimeout, is one catchable class."""
+    _, sk = generate_keypair()
+    pk, _ = generate_keypair()
+    for run in (lambda s: client_handshake(s, sk, pk), lambda s: server_handshake(s, sk)):
+        s = socket.socket()
+        s.close()
+        with pytest.raises(HandshakeError):
+            run(s)

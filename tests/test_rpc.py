@@ -483,3 +483,92 @@ def test_ordered_method_keeps_arrival_order(pair):
     finally:
         st["release"].set()
         srv.stop()
+
+
+class _GetHook(dict):
+    """A struct argument whose encoding runs `hook` first: the window between call()'s two locks."""
+
+    def __init__(self, hook, *a):
+        super().__init__(*a)
+        self._hook = hook
+
+    def get(self, *a):
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook()
+        return super().get(*a)
+
+
+def test_call_racing_connection_death_does_not_hang(pair):
+    """The reader dies while a call is being encoded: the call fails, it is not left waiting forever."""
+    a, b = pair
+    client = rpc.RPCClient(a)
+
+    def peer_goes_away():
+        b.shutdown(socket.SHUT_WR)       # EOF for the client's reader; the client can still send
+        for _ in range(2000):
+            if client.closed:
+                return
+            threading.Event().wait(0.005)
+    done = []
+    t = threading.Thread(target=lambda: done.append(pytest.raises(
+        rpc.RPCClosedError, client.call, "pty.Start", T.CommandReq, _GetHook(peer_goes_away, {"Name": "sh"}),
+        T.EMPTY)))
+    t.start()
+    try:
+        t.join(20)
+        assert not t.is_alive() and len(done) == 1
+    finally:
+        client.close()
+        t.join(5)
+
+
+class _Unencodable:
+    def __bytes__(self):
+        raise RuntimeError("boom")
+
+
+def test_unencodable_reply_of_any_kind_still_answers(pair):
+    a, b = pair
+    srv = ServerThread(b, [("pty", [rpc.Method("Odd", T.EMPTY, T.BYTES, lambda arg: _Unencodable())])])
+    client = rpc.RPCClient(a)
+    try:
+        with pytest.raises(rpc.RPCError, match="cannot encode reply: boom"):
+            client.call("pty.Odd", T.EMPTY, {}, T.BYTES, timeout=20)
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_peer_that_takes_no_replies_ends_the_connection(pair):
+    """A reply that cannot be written ends serve() (and runs on_close): no serving a peer that is gone."""
+    a, b = pair
+    closed = threading.Event()
+    srv = ServerThread(b, [("pty", [rpc.Method("Write", T.BYTES, T.INT, len)], closed.set)])
+    try:
+        a.shutdown(socket.SHUT_RD)   # our replies now fail with EPIPE; the caller can still send
+        a.sendall(gob.Encoder(None).encode_many([(T.RPC_REQUEST, {"ServiceMethod": "pty.Write", "Seq": 0}),
+                                                 (T.BYTES, b"x")]))
+        srv.thread.join(20)
+        assert not srv.thread.is_alive() and closed.is_set()
+    finally:
+        srv.stop()
+
+
+def test_no_thread_outlives_a_vanished_peer(pair):
+    """Peer gone: the client's reader and the server's call threads all end."""
+    a, b = pair
+    st = new_state()
+    before = set(threading.enumerate())
+    srv = ServerThread(b, [("pty", echo_services(st)[0][1], st["release"].set)])   # on_close unblocks Read
+    client = rpc.RPCClient(a)
+    t = threading.Thread(target=lambda: pytest.raises(rpc.RPCClosedError, client.call, "pty.Read", T.INT, 1, T.BYTES))
+    t.start()
+    assert st["started"].wait(20)
+    a.shutdown(socket.SHUT_RDWR)         # the client's end of the link vanishes
+    t.join(20)
+    srv.thread.join(20)
+    for x in set(threading.enumerate()) - before:
+        x.join(20)
+        assert not x.is_alive(), x.name
+    client.close()
