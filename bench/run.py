@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-MODULES = ["bench_core", "bench_gob", "bench_coldstart", "bench_ssh", "bench_fs", "bench_dmsg"]
+MODULES = ["bench_core", "bench_gob", "bench_coldstart", "bench_ssh", "bench_memory", "bench_fs", "bench_dmsg"]
 
 
 def _norm(row) -> dict:

@@ -127,3 +127,4 @@ SFTP_MAX_HANDLES = 1024                # open files per sftp session on the host
 NODE_RPC_DIAL_TIMEOUT = 5.0            # client -> node RPC (localhost:3435), as upstream
 NODE_RPC_BUDGET = 15.0                 # the node's own dial budget on top of TimeoutMS (pty.md §11)
 EXEC_CALL_SLACK = 15.0                 # client: wait this much past the remote timeout for an Exec reply
+FS_RELIST_MAX = 20_000                 # a directory up to this size is re-listed rather than stat'ed name by name
