@@ -113,7 +113,14 @@ def _host_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sftp-root", help="confine the SFTP subsystem to this directory")
     p.add_argument("--sftp-readonly", action="store_true", help="serve SFTP read-only")
     p.add_argument("--require-pq", action="store_true", help="refuse handshakes without the ML-KEM-768 hybrid")
+    _preauth_flags(p)
     _log_level(p)
+
+
+def _preauth_flags(p: argparse.ArgumentParser) -> None:
+    """Hidden knobs of the TCP listener's pre-auth caps (tests use small values)."""
+    p.add_argument("--max-unauth", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-unauth-per-source", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _confgen(sub: _HidingSubparsers, verb: str) -> None:
@@ -176,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = ptys.add("exec", help="run one command on a remote host and mirror its exit code")
     ex.add_argument("target", help="<pk>, dmsg://<pk> or tcp://<pk>@host:port")
-    ex.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (after --)")
+    ex.add_argument("command", nargs="*", help="command and arguments (after --)")
     ex.add_argument("--rpc", default="localhost:3435", help="node RPC address (default localhost:3435)")
     ex.add_argument("-p", "--port", type=int, default=DEFAULT_DMSG_PORT, help="remote pty port (default 22)")
     ex.add_argument("-t", "--timeout", type=parse_duration, default=30.0, help="remote timeout (default 30s)")
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = ptys.add("shell", help="ssh-like: <pk>@host[:port] [-- cmd args…]")
     sh.add_argument("dest", help="<pk>@host[:port] (default port 2022)")
-    sh.add_argument("command", nargs=argparse.REMAINDER, help="run this instead of an interactive shell")
+    sh.add_argument("command", nargs="*", help="run this instead of an interactive shell (after --)")
     sh.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE (repeatable)")
     sh.add_argument("-t", "--timeout", type=parse_duration, default=30.0, help="exec timeout (default 30s)")
     sh.add_argument("--no-pty", action="store_true", help="never allocate a pty (exec mode)")
@@ -238,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _handler(mo, "skypty.fs:cmd_mount", "pty fs mount")
     um = fss.add("umount", help="unmount a skypty mount")
     um.add_argument("mountpoint")
+    um.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy (cleaned up when no longer in use)")
     _handler(um, "skypty.fs:cmd_umount", "pty fs umount")
 
     ho = ptys.add("host", help="standalone TCP host (mode 3), like sshd")
@@ -249,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     ho.add_argument("--sftp-root", help="confine the SFTP subsystem to this directory")
     ho.add_argument("--sftp-readonly", action="store_true", help="serve SFTP read-only")
     ho.add_argument("--require-pq", action="store_true", help="refuse handshakes without the ML-KEM-768 hybrid")
+    _preauth_flags(ho)
     _log_level(ho)
     _handler(ho, "skypty.host:cmd_cli_host", "pty host")
 
@@ -308,7 +317,16 @@ def resolve(target: str) -> Callable[[argparse.Namespace], int]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Flags may follow the destination (`shell <dest> --sk K -- cmd -x`): parse what is before
+    # the first `--` and hand everything after it to the verb's command untouched.
+    head, tail = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
+    args = parser.parse_args(head)
+    if tail is not None:
+        if hasattr(args, "command"):
+            args.command = list(args.command or []) + tail
+        else:
+            args = parser.parse_args(argv)
     target = getattr(args, "_target", None)
     if target is None:
         # a group with no verb of its own: show its help

@@ -6,6 +6,7 @@ EXIT_FAILURE = 1        # transport / RPC failure, bad input at run time
 EXIT_USAGE = 2          # bad flags, bad config
 EXIT_TIMEOUT = 124      # remote command timed out
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_REMOTE_FAILED = 255  # remote ExitCode -1 without a timeout (killed, spawn failure): Go's os.Exit(-1)
 
 
 class SkyptyError(Exception):

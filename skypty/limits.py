@@ -128,3 +128,4 @@ NODE_RPC_DIAL_TIMEOUT = 5.0            # client -> node RPC (localhost:3435), as
 NODE_RPC_BUDGET = 15.0                 # the node's own dial budget on top of TimeoutMS (pty.md §11)
 EXEC_CALL_SLACK = 15.0                 # client: wait this much past the remote timeout for an Exec reply
 FS_RELIST_MAX = 20_000                 # a directory up to this size is re-listed rather than stat'ed name by name
+CLIENT_PROXY_REQUEST_TIMEOUT = 30.0    # client: the control socket's dmsgpty/proxy answers after its own dmsg dial

@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""skypty vs OpenSSH on loopback: connect+exec, streamed download, echo latency, concurrency.
+
+Starts a throwaway `skypty cli pty host` and (when run as root with sshd/ssh installed) a
+throwaway sshd on loopback ports with temporary keys, measures both the same way, prints a
+table and stops everything it started. A peer that is not installed is skipped (said so).
+
+    python bench/bench_ssh.py [--runs 15] [--mib 256] [--echo 200] [--conc 50]
+
+Targets (from the issue): connect+exec `true` median <= 0.3x ssh; 256 MiB streamed download
+>= 1.0x ssh throughput. Numbers only: nothing here asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from skypty.keys import generate_keypair  # noqa: E402
+
+PY = sys.executable
+SKYPTY = [PY, os.path.join(ROOT, "skypty.py")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class Peer:
+    name = ""
+
+    def exec_cmd(self, *cmd: str) -> List[str]:
+        raise NotImplementedError
+
+    def shell_cmd(self) -> List[str]:
+        raise NotImplementedError
+
+    def stream_cmd(self, *cmd: str) -> List[str]:
+        return self.exec_cmd(*cmd)
+
+    def close(self) -> None:
+        pass
+
+
+class SkyptyPeer(Peer):
+    name = "skypty"
+
+    def __init__(self, tmp: str) -> None:
+        host_pk, host_sk = generate_keypair()
+        self.client_pk, self.client_sk = generate_keypair()
+        conf = os.path.join(tmp, "skywire-config.json")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"sk": host_sk.hex(), "pk": host_pk.hex()}, f)
+        self.port = _free_port()
+        self.host_pk = host_pk
+        self.dest = f"{host_pk.hex()}@127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(SKYPTY + ["cli", "pty", "host", "-l", f"127.0.0.1:{self.port}",
+                                               "--sk-from-visor", conf, "--allow", self.client_pk.hex(),
+                                               "--log-level", "error"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+
+    def _base(self) -> List[str]:
+        return SKYPTY + ["cli", "pty", "shell", self.dest, "--sk", self.client_sk.hex()]
+
+    def exec_cmd(self, *cmd: str) -> List[str]:
+        return self._base() + ["--"] + list(cmd)
+
+    def stream_cmd(self, *cmd: str) -> List[str]:
+        return self._base() + ["--stream", "-t", "10m", "--"] + list(cmd)
+
+    def shell_cmd(self) -> List[str]:
+        return self._base()
+
+    def inproc_exec(self, *cmd: str) -> None:
+        from skypty.client import open_pty_tcp
+
+        c = open_pty_tcp("127.0.0.1", self.port, self.host_pk, self.client_sk)
+        try:
+            res = c.exec(cmd[0], cmd[1:])
+        finally:
+            c.close()
+        if res["ExitCode"] != 0:
+            raise RuntimeError(f"exec {cmd} exited {res['ExitCode']}")
+
+    def close(self) -> None:
+        _stop(self.proc)
+
+
+class SSHPeer(Peer):
+    name = "ssh"
+
+    def __init__(self, tmp: str) -> None:
+        d = os.path.join(tmp, "ssh")
+        os.mkdir(d, 0o700)
+        hostkey, userkey = os.path.join(d, "host_ed25519"), os.path.join(d, "id_ed25519")
+        for k in (hostkey, userkey):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k], check=True)
+        auth = os.path.join(d, "authorized_keys")
+        shutil.copy(userkey + ".pub", auth)
+        os.chmod(auth, 0o600)
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation directory
+        self.port = _free_port()
+        cfg = os.path.join(d, "sshd_config")
+        with open(cfg, "w") as f:
+            f.write("\n".join([
+                f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {hostkey}",
+                f"AuthorizedKeysFile {auth}", f"PidFile {os.path.join(d, 'sshd.pid')}",
+                "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
+                "MaxStartups 200", "MaxSessions 200", "LogLevel ERROR", "PrintMotd no",
+                "PrintLastLog no", "UseDNS no", ""]))
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+        self.base = ["ssh", "-F", "/dev/null", "-i", userkey, "-p", str(self.port),
+                     "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                     "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@127.0.0.1"]
+
+    def exec_cmd(self, *cmd: str) -> List[str]:
+        return self.base + [" ".join(cmd)]
+
+    def shell_cmd(self) -> List[str]:
+        return ["ssh", "-tt"] + self.base[1:]
+
+    def close(self) -> None:
+        _stop(self.proc)
+
+
+# ---------------------------------------------------------------------------------- measures
+
+def _run_ok(cmd: List[str], stdout=subprocess.DEVNULL, timeout: float = 600.0) -> None:
+    r = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]}… exited {r.returncode}: {r.stderr.decode(errors='replace').strip()[:200]}")
+
+
+def _median_time(fn: Callable[[], None], runs: int) -> float:
+    fn()   # warm the page cache and the host
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def connect_exec(peer: Peer, runs: int) -> float:
+    return _median_time(lambda: _run_ok(peer.exec_cmd("true")), runs)
+
+
+def download(peer: Peer, mib: int, runs: int = 3) -> float:
+    """MiB/s of `head -c N /dev/zero` streamed to our /dev/null (median of `runs`)."""
+    cmd = peer.stream_cmd("head", "-c", str(mib * 1024 * 1024), "/dev/zero")
+    rates = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        _run_ok(cmd)
+        rates.append(mib / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def echo_latency(peer: Peer, n: int) -> "tuple[float, float]":
+    """p50/p99 ms of one byte typed into a remote `cat` in raw mode until it comes back."""
+    import pexpect
+
+    child = pexpect.spawn(peer.shell_cmd()[0], peer.shell_cmd()[1:], dimensions=(24, 80),
+                          env=dict(os.environ, TERM="xterm"))
+    try:
+        child.sendline('stty raw -echo; echo RE""ADY; exec cat')
+        child.expect("READY", timeout=20)
+        time.sleep(0.3)
+        try:
+            child.read_nonblocking(65536, timeout=0.2)
+        except pexpect.TIMEOUT:
+            pass
+        fd = child.child_fd
+        lat = []
+        for i in range(n):
+            ch = b"abcdefghij"[i % 10:i % 10 + 1]
+            t0 = time.perf_counter()
+            os.write(fd, ch)
+            got = b""
+            while ch not in got:
+                r, _, _ = select.select([fd], [], [], 10)
+                if not r:
+                    raise RuntimeError("echo did not come back within 10 s")
+                got += os.read(fd, 4096)
+            lat.append((time.perf_counter() - t0) * 1000)
+        lat.sort()
+        return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    finally:
+        child.close(force=True)
+
+
+def concurrent(peer: Peer, n: int) -> float:
+    """Wall seconds for n clients started at once, each running `true`."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(peer.exec_cmd("true"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL) for _ in range(n)]
+    failed = 0
+    for p in procs:
+        p.communicate(timeout=300)
+        failed += p.returncode != 0
+    dt = time.perf_counter() - t0
+    if failed:
+        raise RuntimeError(f"{failed}/{n} concurrent execs failed")
+    return dt
+
+
+def concurrent_inproc(peer: SkyptyPeer, n: int) -> float:
+    errors: List[BaseException] = []
+
+    def one() -> None:
+        try:
+            peer.inproc_exec("true")
+        except BaseException as e:  # collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)}/{n} in-process execs failed: {errors[0]}")
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------- report
+
+def _fmt(v: Optional[float], unit: str) -> str:
+    return "-" if v is None else f"{v:.1f} {unit}" if unit != "s" else f"{v:.3f} s"
+
+
+def _row(metric: str, unit: str, sky: Optional[float], ssh: Optional[float], target: str,
+         higher_is_better: bool = False) -> dict:
+    ratio = None
+    if sky is not None and ssh:
+        ratio = sky / ssh
+    return {"metric": metric, "unit": unit, "skypty": sky, "ssh": ssh, "ratio": ratio,
+            "target": target, "higher_is_better": higher_is_better}
+
+
+def _try(fn: Callable[[], float], label: str):
+    try:
+        return fn()
+    except Exception as e:
+        sys.stderr.write(f"bench: {label}: {e}\n")
+        return None
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=15, help="connect+exec repetitions (median)")
+    ap.add_argument("--mib", type=int, default=256, help="download size in MiB")
+    ap.add_argument("--echo", type=int, default=200, help="echo latency samples")
+    ap.add_argument("--conc", type=int, default=50, help="concurrent execs")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    opts = ap.parse_args(argv)
+
+    tmp = tempfile.mkdtemp(prefix="skypty-bench-")
+    peers = {}
+    try:
+        peers["skypty"] = SkyptyPeer(tmp)
+        if os.geteuid() != 0:
+            sys.stderr.write("bench: ssh skipped: starting a throwaway sshd needs root\n")
+        elif not (shutil.which("ssh") and os.path.exists("/usr/sbin/sshd") and shutil.which("ssh-keygen")):
+            sys.stderr.write("bench: ssh skipped: openssh (ssh, /usr/sbin/sshd, ssh-keygen) is not installed\n")
+        else:
+            try:
+                peers["ssh"] = SSHPeer(tmp)
+            except Exception as e:
+                sys.stderr.write(f"bench: ssh skipped: could not start sshd: {e}\n")
+        sky, ssh = peers["skypty"], peers.get("ssh")
+        rows = []
+
+        def both(fn, *a):
+            return (_try(lambda: fn(sky, *a), f"skypty {fn.__name__}"),
+                    _try(lambda: fn(ssh, *a), f"ssh {fn.__name__}") if ssh else None)
+
+        s, o = both(connect_exec, opts.runs)
+        rows.append(_row("connect+exec `true` median (CLI process)", "ms",
+                         s and s * 1000, o and o * 1000, "<= 0.3x ssh"))
+        inproc = _try(lambda: _median_time(lambda: sky.inproc_exec("true"), opts.runs), "skypty in-process exec")
+        rows.append(_row("connect+exec `true` median (skypty in-process, no interpreter start)", "ms",
+                         inproc and inproc * 1000, o and o * 1000, "<= 0.3x ssh"))
+        s, o = both(download, opts.mib)
+        rows.append(_row(f"streamed {opts.mib} MiB download (median of 3)", "MiB/s", s, o, ">= 1.0x ssh", True))
+        lat_s, lat_o = both(echo_latency, opts.echo)
+        rows.append(_row("echo latency p50 (interactive pty)", "ms", lat_s and lat_s[0], lat_o and lat_o[0], "-"))
+        rows.append(_row("echo latency p99 (interactive pty)", "ms", lat_s and lat_s[1], lat_o and lat_o[1], "-"))
+        s, o = both(concurrent, opts.conc)
+        rows.append(_row(f"{opts.conc} concurrent execs, wall (CLI processes)", "s", s, o, "all succeed"))
+        ci = _try(lambda: concurrent_inproc(sky, opts.conc), "skypty in-process concurrency")
+        rows.append(_row(f"{opts.conc} concurrent execs, wall (skypty in-process threads)", "s", ci, o,
+                         "all succeed"))
+    finally:
+        for p in peers.values():
+            p.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if opts.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        w = max(len(r["metric"]) for r in rows)
+        print(f"{'metric'.ljust(w)}  {'skypty':>14}  {'ssh':>14}  {'ratio':>7}  target")
+        for r in rows:
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+            print(f"{r['metric'].ljust(w)}  {_fmt(r['skypty'], r['unit']):>14}  {_fmt(r['ssh'], r['unit']):>14}"
+                  f"  {ratio:>7}  {r['target']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
