@@ -1,0 +1,541 @@
+"""Mode 3 end to end: a real `python skypty.py cli pty host` (and `app pty tcp`) on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import SKYPTY, free_port, run_skypty, stop_process, wait_port
+from skypty import gob, gobtypes, mux, rpc
+from skypty.errors import HandshakeError, ProtocolError
+from skypty.keys import generate_keypair
+from skypty.services.execstream import EXEC_STREAM_URI, MEDIA_TYPE
+from skypty.transport.tcp import dial_tcp, parse_listen_addr
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _procs_with(marker: str) -> list:
+    """Live (non-zombie) processes whose command line contains `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ")
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmd and stat[stat.rfind(b")") + 2:].split()[0] != b"Z":
+            found.append(int(name))
+    return found
+
+
+def _wait_none(marker: str, bound: float = 10.0) -> list:
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if not _procs_with(marker):
+            return []
+        time.sleep(0.05)
+    return _procs_with(marker)
+
+
+class HostProc:
+    def __init__(self, tmp, *extra, listen=None, allow=True, port=None, probe_host="127.0.0.1"):
+        self.pk, self.sk = generate_keypair()
+        self.client_pk, self.client_sk = generate_keypair()
+        self.conf = os.path.join(tmp, "host.json")
+        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"sk": self.sk.hex(), "pk": self.pk.hex(), "wl": [self.client_pk.hex()] if allow else None}, f)
+        self.port = port or free_port()
+        self.listen = listen or f"127.0.0.1:{self.port}"
+        self.log_path = os.path.join(tmp, "host.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(SKYPTY + ["cli", "pty", "host", "-l", self.listen, "-c", self.conf, *extra],
+                                     stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
+        try:
+            self.printed_pk = self.proc.stdout.readline().decode().strip()
+            wait_port(self.port, host=probe_host, timeout=20)
+        except Exception:
+            self.stop()
+            raise
+
+    def dial(self, sk=None, pk=None, host="127.0.0.1"):
+        return dial_tcp(host, self.port, sk or self.client_sk, pk or self.pk, timeout=10)
+
+    def pty(self):
+        c = self.dial()
+        mux.request(c, "dmsgpty/pty", timeout=10)
+        return c, rpc.RPCClient(c)
+
+    def logtext(self) -> str:
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self):
+        stop_process(self.proc)
+        self.proc.stdout.close()
+        self.log.close()
+
+
+@pytest.fixture
+def host(tmp_path):
+    h = HostProc(str(tmp_path), "--max-unauth-per-source", "4", "--log-level", "debug")
+    yield h
+    h.stop()
+
+
+def _exec(cl, name, *args, **kw):
+    req = {"Name": name, "Arg": list(args), **kw}
+    return cl.call("pty.Exec", gobtypes.CommandExecReq, req, gobtypes.CommandExecResult, timeout=60)
+
+
+def test_prints_pk_and_client_command(host):
+    assert host.printed_pk == host.pk.hex()
+    deadline = time.monotonic() + 10
+    want = f"skypty cli pty shell {host.pk.hex()}@127.0.0.1:{host.port}"
+    while want not in host.logtext() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert want in host.logtext()
+
+
+def test_whitelisted_client_exec_and_shell(host):
+    c, cl = host.pty()
+    try:
+        r = _exec(cl, "sh", "-c", "echo out; echo err >&2; exit 4")
+        assert (r["Stdout"], r["Stderr"], r["ExitCode"]) == (b"out\n", b"err\n", 4)
+        cl.call("pty.Start", gobtypes.CommandReq, {"Name": "/bin/sh", "Env": ["PS1=$ "]}, gob.EMPTY, timeout=30)
+        cl.call("pty.Write", gob.BYTES, b"echo a''bc; exit\n", gob.INT, timeout=30)
+        out = b""
+        with pytest.raises(rpc.RPCError) as ei:
+            while True:
+                out += cl.call("pty.Read", gob.INT, 32768, gob.BYTES, timeout=30)
+        assert str(ei.value) == "read /dev/ptmx: input/output error"
+        assert b"abc\r\n" in out
+    finally:
+        cl.close()
+
+
+def test_unlisted_client_is_closed_without_a_byte(host):
+    _, stranger = generate_keypair()
+    c = host.dial(sk=stranger)   # the handshake itself completes (msg 3 is the client's)
+    try:
+        c.sendall(bytes([len(b"dmsgpty/pty")]) + b"dmsgpty/pty")
+        c.settimeout(20)
+        assert c.recv(1) == b""
+    finally:
+        c.close()
+    # the shipped client's error text
+    c = host.dial(sk=stranger)
+    try:
+        with pytest.raises(ProtocolError) as ei:
+            mux.request(c, "dmsgpty/pty", timeout=20)
+        assert str(ei.value) == "failed to read response: EOF"
+    finally:
+        c.close()
+    deadline = time.monotonic() + 10
+    while "not whitelisted" not in host.logtext() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"{stranger.pubkey().hex()}@127.0.0.1:" in host.logtext()
+
+
+def test_wrong_pinned_pk_fails(host):
+    other_pk, _ = generate_keypair()
+    with pytest.raises(HandshakeError):
+        host.dial(pk=other_pk)
+
+
+def test_remote_mux_table(host):
+    for uri in ("dmsgpty/whitelist", "dmsgpty/proxy?pk=00&port=22", "nope"):
+        c = host.dial()
+        try:
+            with pytest.raises(Exception) as ei:
+                mux.request(c, uri, timeout=20)
+            assert "rejected" in str(ei.value) or "EOF" in str(ei.value)
+        finally:
+            c.close()
+
+
+def test_exec_stream_over_tcp(host):
+    c = host.dial()
+    try:
+        mux.request(c, EXEC_STREAM_URI, timeout=20)
+        body = json.dumps({"name": "sh", "arg": ["-c", "echo streamed; exit 5"]}).encode()
+        c.sendall(b"POST /exec HTTP/1.1\r\nHost: dmsgpty\r\nAccept: " + MEDIA_TYPE.encode()
+                  + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        data = b""
+        c.settimeout(30)
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            data += d
+    finally:
+        c.close()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\x01\x00\x00\x00\x09streamed\n" in data
+    assert b"X-Exec-Exit-Code: 5\r\n" in data
+
+
+def test_garbage_and_oversize_frames_do_not_hurt(host):
+    payloads = [os.urandom(3000), b"\xff\xff" + os.urandom(100), b"\x00\x31" + b"\x02" * 49, b"GET / HTTP/1.1\r\n\r\n"]
+    for p in payloads:
+        s = socket.create_connection(("127.0.0.1", host.port), timeout=10)
+        try:
+            s.sendall(p)
+            s.settimeout(20)
+            try:
+                while s.recv(4096):
+                    pass
+            except OSError:
+                pass
+        finally:
+            s.close()
+    # an oversize transport frame after a good handshake
+    c = host.dial()
+    c.stream.sendall(struct.pack(">H", 0xFFFF) + os.urandom(64))
+    c.settimeout(20)
+    got = b""
+    try:
+        while True:
+            d = c.stream.recv(4096)
+            if not d:
+                break
+            got += d
+    except OSError:
+        pass
+    c.close()
+    assert len(got) <= 2 + 8 + 1 + 16   # at most one reject frame (0x01), then the host hangs up
+    assert host.proc.poll() is None
+    c, cl = host.pty()
+    try:
+        assert _exec(cl, "echo", "still")["Stdout"] == b"still\n"
+    finally:
+        cl.close()
+
+
+def test_preauth_cap_per_source(host):
+    idle = []
+    # the fixture's wait_port probe counts until the host has seen it go away
+    deadline = time.monotonic() + 10
+    while "handshake failed" not in host.logtext() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        for _ in range(4):   # --max-unauth-per-source 4: these sit in the handshake
+            idle.append(socket.create_connection(("127.0.0.1", host.port), timeout=10))
+        # wait until the host has counted them (its log says accept for each)
+        deadline = time.monotonic() + 10
+        while host.logtext().count("tcp: accept") < 4 + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        extra = socket.create_connection(("127.0.0.1", host.port), timeout=10)
+        extra.settimeout(8)   # well under the 10 s handshake timeout of the idle ones
+        try:
+            assert extra.recv(10) == b"", host.logtext()
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            raise AssertionError(host.logtext())
+        finally:
+            extra.close()
+        assert "unauthenticated connections from 127.0.0.1 (max 4)" in host.logtext()
+    finally:
+        for s in idle:
+            s.close()
+    # once they are gone, clients get in again
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            c, cl = host.pty()
+            break
+        except (HandshakeError, ProtocolError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        assert _exec(cl, "true")["ExitCode"] == 0
+    finally:
+        cl.close()
+
+
+def test_authenticated_sessions_do_not_count_against_the_cap(host):
+    conns = []
+    try:
+        for _ in range(6):   # more than the per-source cap of 4
+            conns.append(host.pty())
+        for _, cl in conns:
+            assert _exec(cl, "true")["ExitCode"] == 0
+    finally:
+        for _, cl in conns:
+            cl.close()
+
+
+def test_sigterm_leaves_nothing_running(tmp_path):
+    h = HostProc(str(tmp_path))
+    marker = f"98{os.getpid() % 10000:04d}1"
+    try:
+        c, cl = h.pty()
+        cl.call("pty.Start", gobtypes.CommandReq, {"Name": "bash", "Arg": ["--norc", "-i"], "Env": ["PS1=$ "]},
+                gob.EMPTY, timeout=30)
+        cl.call("pty.Write", gob.BYTES, f"sleep {marker} & sleep {marker}\n".encode(), gob.INT, timeout=30)
+        c2, cl2 = h.pty()
+        t = threading.Thread(target=lambda: _safe(lambda: _exec(cl2, "sleep", marker, TimeoutMS=300000)),
+                             daemon=True)
+        t.start()
+        deadline = time.monotonic() + 20
+        while len(_procs_with(f"sleep {marker}")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_procs_with(f"sleep {marker}")) == 3
+        h.proc.send_signal(signal.SIGTERM)
+        assert h.proc.wait(30) == 0
+        assert _wait_none(f"sleep {marker}") == []
+        cl.close()
+        cl2.close()
+    finally:
+        h.stop()
+    assert not _procs_with(f"sleep {marker}")
+
+
+def _safe(fn):
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def test_empty_whitelist_is_refused(tmp_path):
+    port = free_port()
+    r = run_skypty("cli", "pty", "host", "-l", f"127.0.0.1:{port}", timeout=60)
+    assert r.returncode == 2
+    err = r.stderr.decode()
+    assert err.count("\n") == 1 and "empty whitelist" in err
+
+
+def test_bad_listen_address(tmp_path):
+    pk, _ = generate_keypair()
+    r = run_skypty("cli", "pty", "host", "-l", "::1:2022", "--allow", pk.hex(), timeout=60)
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
+
+
+def test_parse_listen_addr():
+    assert parse_listen_addr(":2022") == ("", 2022)
+    assert parse_listen_addr("127.0.0.1:2022") == ("127.0.0.1", 2022)
+    assert parse_listen_addr("[::1]:2022") == ("::1", 2022)
+    assert parse_listen_addr("localhost:0") == ("localhost", 0)
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+def test_ipv6_and_all_interfaces(tmp_path):
+    for listen, dial_hosts in (("[::1]:{port}", ["::1"]), (":{port}", ["127.0.0.1", "::1"])):
+        d = tmp_path / listen.replace(":", "_").replace("[", "").replace("]", "").replace("{port}", "p")
+        d.mkdir()
+        port = free_port()
+        h = HostProc(str(d), listen=listen.format(port=port), port=port, probe_host=dial_hosts[0])
+        try:
+            for addr in dial_hosts:
+                c = h.dial(host=addr)
+                mux.request(c, "dmsgpty/pty", timeout=10)
+                cl = rpc.RPCClient(c)
+                try:
+                    assert _exec(cl, "echo", addr)["Stdout"] == addr.encode() + b"\n"
+                finally:
+                    cl.close()
+        finally:
+            h.stop()
+
+
+def test_listen_fd_serves_one_connection(tmp_path):
+    pk, sk = generate_keypair()
+    cpk, csk = generate_keypair()
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"sk": sk.hex(), "pk": pk.hex(), "wl": [cpk.hex()]}))
+    os.chmod(conf, 0o600)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    cli_sock = socket.create_connection(lsock.getsockname(), timeout=10)
+    srv_sock, _ = lsock.accept()
+    lsock.close()
+    p = subprocess.Popen(SKYPTY + ["app", "pty", "dmsg", "-c", str(conf), "--no-dmsg", "--listen-fd",
+                                   str(srv_sock.fileno())],
+                         pass_fds=(srv_sock.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    srv_sock.close()
+    try:
+        from skypty import noise
+        c = noise.client_handshake(cli_sock, csk, pk, timeout=10)
+        mux.request(c, "dmsgpty/pty", timeout=10)
+        cl = rpc.RPCClient(c)
+        assert _exec(cl, "echo", "fd")["Stdout"] == b"fd\n"
+        cl.close()
+        assert p.wait(30) == 0
+    finally:
+        stop_process(p)
+        p.stderr.close()
+        cli_sock.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_app_pty_tcp_control_socket_removed_on_signal(tmp_path, sig):
+    pk, sk = generate_keypair()
+    cpk, csk = generate_keypair()
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"sk": sk.hex(), "pk": pk.hex(), "wl": [cpk.hex()]}))
+    os.chmod(conf, 0o600)
+    sock_path = str(tmp_path / "pty.sock")
+    port = free_port()
+    p = subprocess.Popen(SKYPTY + ["app", "pty", "tcp", "-c", str(conf), "--addr", f"127.0.0.1:{port}",
+                                   "--cliaddr", sock_path],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, timeout=20)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the control socket serves the local mux (pty included)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock_path)
+        mux.request(s, "dmsgpty/pty", timeout=10)
+        cl = rpc.RPCClient(s)
+        assert _exec(cl, "echo", "local")["Stdout"] == b"local\n"
+        cl.close()
+        c = dial_tcp("127.0.0.1", port, csk, pk, timeout=10)
+        mux.request(c, "dmsgpty/pty", timeout=10)
+        c.close()
+        p.send_signal(sig)
+        assert p.wait(30) == 0
+        assert not os.path.exists(sock_path)
+        err = p.stderr.read().decode()
+        assert re.search(rf"skypty cli pty shell {pk.hex()}@127\.0\.0\.1:{port}", err)
+    finally:
+        stop_process(p)
+        p.stderr.close()
+
+
+def test_listen_fd_refuses_a_listening_socket(tmp_path):
+    pk, sk = generate_keypair()
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"sk": sk.hex(), "pk": pk.hex(), "wl": []}))
+    os.chmod(conf, 0o600)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    try:
+        r = subprocess.run(SKYPTY + ["app", "pty", "dmsg", "-c", str(conf), "--no-dmsg", "--listen-fd",
+                                     str(lsock.fileno())], pass_fds=(lsock.fileno(),), capture_output=True,
+                           timeout=60)
+    finally:
+        lsock.close()
+    assert r.returncode == 2
+    assert r.stderr.decode().strip().endswith("(systemd Accept=yes)")
+
+
+# ------------------------------------------------------------------ the Host object in-process
+
+def _inproc_host():
+    from skypty.host import Host
+    from skypty.whitelist import MemoryWhitelist
+    pk, sk = generate_keypair()
+    cpk, csk = generate_keypair()
+    return Host(sk, MemoryWhitelist(pk, [cpk])), cpk, csk
+
+
+def test_dmsg_stream_whitelist_and_mux():
+    host, cpk, _ = _inproc_host()
+    stranger, _ = generate_keypair()
+    try:
+        a, b = socket.socketpair()
+        t = threading.Thread(target=host.serve_dmsg_stream, args=(b, stranger, "dmsg-addr"), daemon=True)
+        t.start()
+        a.settimeout(20)
+        assert a.recv(10) == b"\x01"            # written before any request is read
+        assert a.recv(10) == b""
+        t.join(20)
+        a.close()
+        a, b = socket.socketpair()
+        t = threading.Thread(target=host.serve_dmsg_stream, args=(b, cpk, "dmsg-addr"), daemon=True)
+        t.start()
+        mux.request(a, "dmsgpty/pty", timeout=20)
+        cl = rpc.RPCClient(a)
+        assert _exec(cl, "echo", "dmsg")["Stdout"] == b"dmsg\n"
+        cl.close()
+        t.join(20)
+        # the host's own key is always allowed
+        a, b = socket.socketpair()
+        t = threading.Thread(target=host.serve_dmsg_stream, args=(b, host.pk, "self"), daemon=True)
+        t.start()
+        mux.request(a, "dmsgpty/pty", timeout=20)
+        a.close()
+        t.join(20)
+    finally:
+        host.close()
+
+
+def test_control_conn_local_mux():
+    host, cpk, _ = _inproc_host()
+    try:
+        # whitelist rpc is local-only and lists the configured keys
+        a, b = socket.socketpair()
+        t = threading.Thread(target=host.serve_control_conn, args=(b,), daemon=True)
+        t.start()
+        mux.request(a, "dmsgpty/whitelist", timeout=20)
+        cl = rpc.RPCClient(a)
+        keys = cl.call("whitelist.Whitelist", gob.EMPTY, {}, gobtypes.PubKeyList, timeout=20)
+        assert [bytes(k) for k in keys] == [bytes(cpk)]
+        cl.close()
+        t.join(20)
+        # no dmsg here: the proxy cannot dial, the host closes without a byte
+        a, b = socket.socketpair()
+        t = threading.Thread(target=host.serve_control_conn, args=(b,), daemon=True)
+        t.start()
+        with pytest.raises(ProtocolError) as ei:
+            mux.request(a, f"dmsgpty/proxy?pk={cpk.hex()}&port=22", timeout=20)
+        assert str(ei.value) == "failed to read response: EOF"
+        a.close()
+        t.join(20)
+    finally:
+        host.close()
+
+
+def test_host_close_ends_sessions_and_children():
+    host, cpk, _ = _inproc_host()
+    a, b = socket.socketpair()
+    t = threading.Thread(target=host.serve_dmsg_stream, args=(b, cpk, "x"), daemon=True)
+    t.start()
+    try:
+        mux.request(a, "dmsgpty/pty", timeout=20)
+        cl = rpc.RPCClient(a)
+        cl.call("pty.Start", gobtypes.CommandReq, {"Name": "sh", "Arg": ["-c", "echo P=$$; exec sleep 600"]},
+                gob.EMPTY, timeout=20)
+        out = b""
+        while not re.search(rb"P=\d+\r\n", out):
+            out += cl.call("pty.Read", gob.INT, 1024, gob.BYTES, timeout=20)
+        pid = int(re.search(rb"P=(\d+)", out).group(1))
+    finally:
+        host.close()
+    t.join(20)
+    assert not t.is_alive()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+    a.close()
