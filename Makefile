@@ -6,7 +6,7 @@ STAMP := $(VENV)/.deps-stamp
 CONF ?= config.json
 LISTEN ?= 127.0.0.1:2022
 
-.PHONY: test deps run bench dist dist-test clean
+.PHONY: test deps run bench dist dist-onedir dist-test clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -27,14 +27,26 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(VPY) bench/run.py
 
+# Stdlib parts skypty never uses; they only make the one-file binary bigger.
+PYI_EXCLUDES := $(foreach m,tkinter unittest pydoc doctest asyncio lib2to3 xmlrpc sqlite3 curses ensurepip idlelib,--exclude-module $(m))
+
 # One-file binary (PyInstaller) and zipapp (deps installed beside it, see contrib/build_zipapp.py).
 dist: $(STAMP)
 	$(VPY) -m pip install -q --disable-pip-version-check pyinstaller
 	$(VPY) contrib/build_zipapp.py -o dist/skypty.pyz
-	$(VPY) -m PyInstaller --noconfirm --log-level WARN --onefile --name skypty \
-	  --collect-submodules skypty --add-data $(CURDIR)/skypty/static:skypty/static \
+	$(VPY) -m PyInstaller --noconfirm --log-level WARN --onefile --strip --name skypty \
+	  --collect-submodules skypty --collect-binaries coincurve --hidden-import coincurve._cffi_backend $(PYI_EXCLUDES) --add-data $(CURDIR)/skypty/static:skypty/static \
 	  --distpath dist --workpath build/pyinstaller --specpath build skypty.py
 	ls -l dist/
+
+# One-folder build: no unpacking at every start (see README: recommended on slow SD cards).
+dist-onedir: $(STAMP)
+	$(VPY) -m pip install -q --disable-pip-version-check pyinstaller
+	$(VPY) -m PyInstaller --noconfirm --log-level WARN --onedir --strip --name skypty-dir \
+	  --collect-submodules skypty --collect-binaries coincurve --hidden-import coincurve._cffi_backend $(PYI_EXCLUDES) \
+	  --add-data $(CURDIR)/skypty/static:skypty/static \
+	  --distpath dist --workpath build/pyinstaller-dir --specpath build skypty.py
+	du -sh dist/skypty-dir
 
 dist-test: dist
 	SKYPTY_DIST=$(CURDIR)/dist $(VPY) -m pytest -q tests/test_dist.py

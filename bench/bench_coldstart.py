@@ -79,6 +79,9 @@ def main() -> list:
     binary = os.path.join(ROOT, "dist", "skypty")
     if os.path.exists(binary):
         variants.append(("PyInstaller one-file", [binary]))
+    onedir = os.path.join(ROOT, "dist", "skypty-dir", "skypty-dir")
+    if os.path.exists(onedir):
+        variants.append(("PyInstaller one-folder", [onedir]))
     for label, argv in variants:
         fb = [first_byte_ms(argv, pk) for _ in range(RUNS)]
         rows.append((f"cold start: spawn -> first byte on wire, {label}", statistics.median(fb), None, "ms",
