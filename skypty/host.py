@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import signal
 import socket
 import sys
@@ -325,8 +326,19 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
-def _client_hint(pk, server) -> str:
-    return f"skypty cli pty shell {pk.hex()}@{server.address}"
+def _prog() -> str:
+    """How to run this same program again, for the hints a new operator copies."""
+    if getattr(sys, "frozen", False) or not sys.argv[0].endswith(".py"):
+        return os.path.basename(sys.argv[0]) if sys.argv[0] else "skypty"
+    return f"{sys.executable} {os.path.abspath(sys.argv[0])}"
+
+
+def _client_hint(pk, server, conf: Optional[str] = None) -> str:
+    """The exact command that reaches this host; with the config's own key (always allowed) when given."""
+    hint = f"{_prog()} cli pty shell {pk.hex()}@{server.address}"
+    if conf:
+        hint += f" --visor-config {os.path.abspath(conf)}"
+    return hint
 
 
 class _ControlServer:
@@ -480,12 +492,14 @@ def cmd_standalone_host(args) -> int:
                  f", tcp {server.address}" if server else "",
                  f", dmsg port {cfg.dmsgport}" if dmsg_client else "")
         if server is not None:
-            _say("pty host: connect with: " + _client_hint(host.pk, server))
+            _say("pty host: connect with: " + _client_hint(host.pk, server, cfg.path))
+            _say(f"pty host: (that uses the host's own key; let other clients in with: "
+                 f"{_prog()} app pty exec --cliaddr {cfg.cliaddr} whitelist-add <client-pk>)")
         if dmsg_client is not None:
             port_flag = f" -p {cfg.dmsgport}" if cfg.dmsgport != limits.DEFAULT_DMSG_PORT else ""
             _say(f"pty host: over dmsg: skypty cli pty exec --standalone --dmsgdisc {cfg.dmsgdisc}"
                  f"{port_flag} {host.pk.hex()} -- <cmd>")
-        _say(f"pty host: locally: skypty app pty exec --clinet {cfg.clinet} --cliaddr {cfg.cliaddr}")
+        _say(f"pty host: locally: {_prog()} app pty exec --clinet {cfg.clinet} --cliaddr {cfg.cliaddr}")
         stopper.wait()
         log.info("pty host: shutting down (signal %s)", stopper.signum)
     finally:

@@ -105,7 +105,7 @@ def _exec(cl, name, *args, **kw):
 def test_prints_pk_and_client_command(host):
     assert host.printed_pk == host.pk.hex()
     deadline = time.monotonic() + 10
-    want = f"skypty cli pty shell {host.pk.hex()}@127.0.0.1:{host.port}"
+    want = f"skypty.py cli pty shell {host.pk.hex()}@127.0.0.1:{host.port}"
     while want not in host.logtext() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert want in host.logtext()
@@ -425,7 +425,7 @@ def test_app_pty_tcp_control_socket_removed_on_signal(tmp_path, sig):
         assert p.wait(30) == 0
         assert not os.path.exists(sock_path)
         err = p.stderr.read().decode()
-        assert re.search(rf"skypty cli pty shell {pk.hex()}@127\.0\.0\.1:{port}", err)
+        assert re.search(rf"skypty\.py cli pty shell {pk.hex()}@127\.0\.0\.1:{port} --visor-config ", err)
     finally:
         stop_process(p)
         p.stderr.close()
