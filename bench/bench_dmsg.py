@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _util import free_port, stop_process, wait_port  # noqa: E402
 from skypty.keys import generate_keypair  # noqa: E402
 from skypty.transport.dmsg import disc as dmsgdisc  # noqa: E402
 from skypty.transport.dmsg.client import DmsgClient  # noqa: E402
@@ -69,44 +69,17 @@ sys.stdin.read()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def _network(procs):
-    dport, sport = _free_port(), _free_port()
+    dport, sport = free_port(), free_port()
     url = f"http://127.0.0.1:{dport}"
     devnull = subprocess.DEVNULL
     procs.append(subprocess.Popen(SKYPTY + ["dmsg", "disc", "--addr", f"127.0.0.1:{dport}", "--log-level", "error"],
                                   stdout=devnull, stderr=devnull))
-    _wait_port(dport)
+    wait_port(dport)
     _, ssk = generate_keypair()
     procs.append(subprocess.Popen(SKYPTY + ["dmsg", "server", "--sk", ssk.hex(), "--listen", f"127.0.0.1:{sport}",
                                             "--dmsgdisc", url, "--log-level", "error"], stdout=devnull, stderr=devnull))
-    _wait_port(sport)
+    wait_port(sport)
     dc = dmsgdisc.DiscClient(url)
     deadline = time.monotonic() + 15
     while not dc.available_servers():
@@ -231,7 +204,7 @@ def main() -> list:
         rows.extend(_exec_rows(url, procs))
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_process(p)
     for r in rows:
         print(*(r.values() if isinstance(r, dict) else r))
     return rows

@@ -17,7 +17,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,37 +28,11 @@ from typing import Callable, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _util import free_port, stop_process, wait_port  # noqa: E402
 from skypty.keys import generate_keypair  # noqa: E402
 
 PY = sys.executable
 SKYPTY = [PY, os.path.join(ROOT, "skypty.py")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 class Peer:
@@ -88,14 +61,14 @@ class SkyptyPeer(Peer):
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"sk": host_sk.hex(), "pk": host_pk.hex()}, f)
-        self.port = _free_port()
+        self.port = free_port()
         self.host_pk = host_pk
         self.dest = f"{host_pk.hex()}@127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(SKYPTY + ["cli", "pty", "host", "-l", f"127.0.0.1:{self.port}",
                                                "--sk-from-visor", conf, "--allow", self.client_pk.hex(),
                                                "--log-level", "error"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        wait_port(self.port)
 
     def _base(self) -> List[str]:
         return SKYPTY + ["cli", "pty", "shell", self.dest, "--sk", self.client_sk.hex()]
@@ -121,7 +94,7 @@ class SkyptyPeer(Peer):
             raise RuntimeError(f"exec {cmd} exited {res['ExitCode']}")
 
     def close(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 class SSHPeer(Peer):
@@ -137,7 +110,7 @@ class SSHPeer(Peer):
         shutil.copy(userkey + ".pub", auth)
         os.chmod(auth, 0o600)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation directory
-        self.port = _free_port()
+        self.port = free_port()
         cfg = os.path.join(d, "sshd_config")
         with open(cfg, "w") as f:
             f.write("\n".join([
@@ -149,7 +122,7 @@ class SSHPeer(Peer):
                 "PrintLastLog no", "UseDNS no", ""]))
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        wait_port(self.port)
         self.base = ["ssh", "-F", "/dev/null", "-i", userkey, "-p", str(self.port),
                      "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                      "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@127.0.0.1"]
@@ -161,7 +134,7 @@ class SSHPeer(Peer):
         return ["ssh", "-tt"] + self.base[1:]
 
     def close(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 # ---------------------------------------------------------------------------------- measures

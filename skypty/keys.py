@@ -252,20 +252,3 @@ def verify(pk: Union[PubKey, bytes], payload: bytes, sig: bytes) -> None:
     got = recover(hashlib.sha256(payload).digest(), sig)
     if not hmac.compare_digest(bytes(got), bytes(pk)):
         raise SignatureError("Recovered pubkey does not match pubkey")
-
-
-def _sign_hash_fixed_nonce(sk: SecKey, digest: bytes, k: bytes) -> bytes:
-    """Known-answer tests only: sign with an explicit nonce k (never use in production)."""
-    from coincurve._libsecp256k1 import ffi  # local: only the tests need cffi callbacks
-
-    k = bytes(k)
-
-    @ffi.callback("int(unsigned char *, const unsigned char *, const unsigned char *,"
-                  " const unsigned char *, void *, unsigned int)")
-    def _nonce(out, msg, key, algo, data, attempt):  # pragma: no cover - called from C
-        if attempt:
-            return 0
-        ffi.memmove(out, k, 32)
-        return 1
-
-    return sk._cc.sign_recoverable(bytes(digest), hasher=None, custom_nonce=(_nonce, ffi.NULL))

@@ -1,4 +1,5 @@
-"""Shared test helpers: the vectors (copied from the Go implementation) and skypty subprocesses."""
+"""Shared test helpers: the vectors (copied from the Go implementation), skypty subprocesses,
+socketpairs, and the fixed-nonce signer the known-answer signature tests need."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ import subprocess
 import sys
 import time
 
+import coincurve
 import pytest
+from coincurve._libsecp256k1 import ffi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "tests", "vectors")
@@ -55,3 +58,43 @@ def stop_process(p: subprocess.Popen, timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+@pytest.fixture
+def pair():
+    """A connected socketpair (a, b); 20 s timeouts make a stuck test fail, not hang. Closed after."""
+    a, b = socket.socketpair()
+    a.settimeout(20)
+    b.settimeout(20)
+    yield a, b
+    for s in (a, b):
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
+def recv_exact(sock, n: int) -> bytes:
+    """Exactly n bytes from a socket; a test failure if the peer closes first."""
+    buf = b""
+    while len(buf) < n:
+        c = sock.recv(n - len(buf))
+        assert c, f"peer closed early ({len(buf)} of {n} bytes)"
+        buf += c
+    return buf
+
+
+def sign_hash_fixed_nonce(sk, digest: bytes, k: bytes) -> bytes:
+    """r||s||v over a 32-byte digest with the explicit nonce k, as the Go vectors were made.
+    Known-answer tests only: a fixed nonce leaks the secret key, so production never has this."""
+    k = bytes(k)
+
+    @ffi.callback("int(unsigned char *, const unsigned char *, const unsigned char *,"
+                  " const unsigned char *, void *, unsigned int)")
+    def nonce(out, msg, key, algo, data, attempt):  # called from C: only the first attempt has k
+        if attempt:
+            return 0
+        ffi.memmove(out, k, 32)
+        return 1
+
+    return coincurve.PrivateKey(bytes(sk)).sign_recoverable(bytes(digest), hasher=None, custom_nonce=(nonce, ffi.NULL))

@@ -7,6 +7,7 @@ runs in a real pty driven by pexpect.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import select
@@ -385,11 +386,31 @@ def restored(before: str, after: str) -> bool:
         return b.read() == a.read()
 
 
-@needs_host
-def test_interactive_shell(host, tmp_path):
-    child, before, after = spawn_shell(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args])
+@contextlib.contextmanager
+def interactive(tmp: str, args, rows=30, cols=100, exit_code=0):
+    """skypty in a real pty, at the remote prompt; once the block ends without error, it must
+    have exited `exit_code` with the terminal settings restored."""
+    child, before, after = spawn_shell(tmp, args, rows, cols)
     try:
         wait_prompt(child)
+        yield child
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == exit_code
+    assert restored(before, after)
+
+
+def check_window_size(tmp: str, args, rows: int, cols: int) -> None:
+    """The remote pty starts at the local terminal's size; `exit` ends the session cleanly."""
+    with interactive(tmp, args, rows, cols) as child:
+        child.sendline("stty size; exit")
+        child.expect_exact(f"{rows} {cols}")
+        child.expect(pexpect.EOF)
+
+
+@needs_host
+def test_interactive_shell(host, tmp_path):
+    with interactive(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args]) as child:
         child.sendline("stty size")
         child.expect_exact("30 100")                 # the size we sent with Start
         child.expect_exact(PROMPT)
@@ -402,17 +423,11 @@ def test_interactive_shell(host, tmp_path):
         child.expect_exact(PROMPT)
         child.sendline("exit")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
-    assert restored(before, after)
 
 
 @needs_host
 def test_interactive_tilde_escapes(host, tmp_path):
-    child, before, after = spawn_shell(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args])
-    try:
-        wait_prompt(child)
+    with interactive(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args]) as child:
         child.send("~~Q")                            # at a line start ~~ sends one ~
         child.expect_exact("~Q")
         child.send("\x15")                           # kill the line
@@ -421,44 +436,25 @@ def test_interactive_tilde_escapes(host, tmp_path):
         child.send("~.")                             # after CR: disconnect
         child.expect_exact("[disconnected]")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
-    assert restored(before, after)
 
 
 @needs_host
 def test_interactive_start_via(host, tmp_path):
-    child, before, after = spawn_shell(str(tmp_path), ["cli", "pty", "start", "--via", f"tcp://{host.dest}",
-                                                       *host.sk_args], rows=25, cols=90)
-    try:
-        wait_prompt(child)
-        child.sendline("stty size; exit")
-        child.expect_exact("25 90")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
-    assert restored(before, after)
+    check_window_size(str(tmp_path), ["cli", "pty", "start", "--via", f"tcp://{host.dest}", *host.sk_args],
+                      rows=25, cols=90)
 
 
 @needs_host
 def test_connection_lost_exit_1(tmp_path):
     h = HostProc(str(tmp_path))
     try:
-        child, before, after = spawn_shell(str(tmp_path), ["cli", "pty", "shell", h.dest, *h.sk_args])
-        try:
-            wait_prompt(child)
+        with interactive(str(tmp_path), ["cli", "pty", "shell", h.dest, *h.sk_args], exit_code=1) as child:
             h.proc.send_signal(signal.SIGKILL)
             child.expect(pexpect.EOF)
             out = child.before.decode(errors="replace")
-        finally:
-            child.close(force=True)
     finally:
         h.stop()
-    assert child.exitstatus == 1
     assert "connection lost" in out
-    assert restored(before, after)
 
 
 @needs_host
@@ -474,16 +470,7 @@ def test_start_through_control_socket(tmp_path):
                                     "--cliaddr", sock], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(port, timeout=20)
-        child, before, after = spawn_shell(str(tmp_path), ["cli", "pty", "start", "--cliaddr", sock],
-                                           rows=22, cols=77)
-        try:
-            wait_prompt(child)
-            child.sendline("stty size; exit")
-            child.expect_exact("22 77")
-            child.expect(pexpect.EOF)
-        finally:
-            child.close(force=True)
-        assert child.exitstatus == 0 and restored(before, after)
+        check_window_size(str(tmp_path), ["cli", "pty", "start", "--cliaddr", sock], rows=22, cols=77)
         pk, _ = generate_keypair()
         r = run_skypty("cli", "pty", "start", pk.hex(), "--cliaddr", sock)
         assert r.returncode == 1 and "could not reach the remote pty" in one_line(r.stderr)
@@ -526,16 +513,10 @@ def _children(pid: int):
 
 @needs_host
 def test_interactive_sigterm_restores_terminal(host, tmp_path):
-    child, before, after = spawn_shell(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args])
-    try:
-        wait_prompt(child)
+    with interactive(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args], exit_code=1) as child:
         (client_pid,) = _children(child.pid)
         os.kill(client_pid, signal.SIGTERM)
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 1
-    assert restored(before, after)
 
 
 @needs_host
@@ -594,17 +575,8 @@ def test_standalone_dmsg_exec_and_start(tmp_path):
         r = run_skypty("cli", "pty", "exec", f"dmsg://{hpk}", "--standalone", "--dmsgdisc", disc,
                        "--sk", other.hex(), "--", "true")
         assert r.returncode == 1 and "probably not whitelisted" in one_line(r.stderr)
-        child, before, after = spawn_shell(str(tmp_path), ["cli", "pty", "start", hpk, "--standalone",
-                                                           "--dmsgdisc", disc, "--sk", csk.hex()],
-                                           rows=23, cols=81)
-        try:
-            wait_prompt(child)
-            child.sendline("stty size; exit")
-            child.expect_exact("23 81")
-            child.expect(pexpect.EOF)
-        finally:
-            child.close(force=True)
-        assert child.exitstatus == 0 and restored(before, after)
+        check_window_size(str(tmp_path), ["cli", "pty", "start", hpk, "--standalone", "--dmsgdisc", disc,
+                                          "--sk", csk.hex()], rows=23, cols=81)
     finally:
         for p in reversed(procs):
             stop_process(p)

@@ -2,6 +2,7 @@
 dmsg clients and mode-2 hosts. Nothing is faked."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -170,13 +171,22 @@ def _echo_listener(client, port):
     return lis
 
 
-def test_clients_dial_echo_iplookup_and_errors(dmsg_net):
-    url = dmsg_net["url"]
+@contextlib.contextmanager
+def _echo_pair(url):
+    """Two ready clients (a, b) with b echoing on port 22; both closed after the block."""
     a = DmsgClient(generate_keypair()[1], url).start()
     b = DmsgClient(generate_keypair()[1], url).start()
     try:
         assert a.wait_ready(20) and b.wait_ready(20)
         _echo_listener(b, 22)
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_clients_dial_echo_iplookup_and_errors(dmsg_net):
+    with _echo_pair(dmsg_net["url"]) as (a, b):
         with pytest.raises(DmsgError) as ei:
             b.listen(22)
         assert ei.value.code == 400
@@ -199,9 +209,6 @@ def test_clients_dial_echo_iplookup_and_errors(dmsg_net):
         with pytest.raises(DmsgError) as ei:
             a.dial(generate_keypair()[0], 22)
         assert ei.value.code == 100
-    finally:
-        a.close()
-        b.close()
 
 
 def test_standalone_ephemeral_client_dials(dmsg_net):
@@ -222,11 +229,7 @@ def test_standalone_ephemeral_client_dials(dmsg_net):
 
 def test_server_restart_is_survived(dmsg_net):
     url = dmsg_net["url"]
-    a = DmsgClient(generate_keypair()[1], url).start()
-    b = DmsgClient(generate_keypair()[1], url).start()
-    try:
-        assert a.wait_ready(20) and b.wait_ready(20)
-        _echo_listener(b, 22)
+    with _echo_pair(url) as (a, b):
         c = a.dial(b.pk, 22)
         c.sendall(b"before")
         assert c.recv_exact(6) == b"before"
@@ -244,9 +247,6 @@ def test_server_restart_is_survived(dmsg_net):
         c.sendall(b"after")
         assert c.recv_exact(5) == b"after"
         c.close()
-    finally:
-        a.close()
-        b.close()
 
 
 def test_two_servers_sessions_and_cross_dial(dmsg_net):

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from conftest import load_vector
+from conftest import load_vector, sign_hash_fixed_nonce
 from skypty import keys
 from skypty.errors import KeyFormatError, ProtocolError, UsageError
 from skypty.keys import PubKey, SecKey, SignatureError
@@ -148,7 +148,7 @@ def test_signatures(case):
     assert fixed[64] == case["fixed_nonce_sig_recid"]
 
     # The fixed-nonce signatures are reproduced bit for bit (same primitive, same k).
-    got = keys._sign_hash_fixed_nonce(sk, digest, bytes.fromhex(case["fixed_nonce_k"]))
+    got = sign_hash_fixed_nonce(sk, digest, bytes.fromhex(case["fixed_nonce_k"]))
     assert got.hex() == case["fixed_nonce_sig"]
 
     keys.verify(pk, msg, fixed)

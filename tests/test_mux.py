@@ -16,18 +16,6 @@ GOB = load_vector("gob_rpc.json")
 PEER = mux.Peer(None, "127.0.0.1:1", "control")
 
 
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    a.settimeout(20)
-    yield a, b
-    for s in (a, b):
-        try:
-            s.close()
-        except OSError:
-            pass
-
-
 class Host:
     """A MuxTable served on one end of a socketpair in a thread; records what handlers saw."""
 

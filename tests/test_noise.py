@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from conftest import load_vector
+from conftest import load_vector, recv_exact as read_all
 from skypty import limits, noise
 from skypty.errors import HandshakeError, KeyFormatError, ProtocolError
 from skypty.keys import PubKey, SecKey, generate_keypair
@@ -56,15 +56,6 @@ def plaintext(write):
 
 def wire(write):
     return b"".join(bytes.fromhex(f["frame_hex"]) for f in write["frames"])
-
-
-def read_all(s, n):
-    buf = b""
-    while len(buf) < n:
-        c = s.recv(n - len(buf))
-        assert c, "peer closed early"
-        buf += c
-    return buf
 
 
 class Thread(threading.Thread):

@@ -13,36 +13,13 @@ import threading
 
 import pytest
 
-from conftest import load_vector
+from conftest import load_vector, recv_exact
 from skypty import gob, rpc
 from skypty import gobtypes as T
 from skypty.errors import ProtocolError
 from test_gob import SCENARIOS, method_types, py_value
 
 GOB = load_vector("gob_rpc.json")
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    a.settimeout(20)
-    b.settimeout(20)
-    yield a, b
-    for s in (a, b):
-        try:
-            s.close()
-        except OSError:
-            pass
 
 
 class ServerThread:
@@ -171,26 +148,31 @@ def new_state():
     return {"started": threading.Event(), "release": threading.Event()}
 
 
-def test_blocked_call_does_not_stall_others(pair):
+@pytest.fixture
+def echo_rpc(pair):
+    """(state, client, a, b): echo_services served on b, an RPCClient on a; all stopped after."""
     st = new_state()
     a, b = pair
     srv = ServerThread(b, echo_services(st))
     client = rpc.RPCClient(a)
-    try:
-        res = []
-        t = threading.Thread(target=lambda: res.append(client.call("pty.Read", T.INT, 10, T.BYTES)))
-        t.start()
-        assert st["started"].wait(20)
-        for i in range(20):
-            assert client.call("pty.Write", T.BYTES, b"x" * i, T.INT, timeout=20) == i
-        assert not res
-        st["release"].set()
-        t.join(20)
-        assert res == [b"late"]
-    finally:
-        st["release"].set()
-        client.close()
-        srv.stop()
+    yield st, client, a, b
+    st["release"].set()
+    client.close()
+    srv.stop()
+
+
+def test_blocked_call_does_not_stall_others(echo_rpc):
+    st, client, _, _ = echo_rpc
+    res = []
+    t = threading.Thread(target=lambda: res.append(client.call("pty.Read", T.INT, 10, T.BYTES)))
+    t.start()
+    assert st["started"].wait(20)
+    for i in range(20):
+        assert client.call("pty.Write", T.BYTES, b"x" * i, T.INT, timeout=20) == i
+    assert not res
+    st["release"].set()
+    t.join(20)
+    assert res == [b"late"]
 
 
 def test_replies_out_of_order_on_the_wire(pair):
@@ -252,11 +234,8 @@ def test_unknown_method_reply_bytes_match_go(pair):
         srv.stop()
 
 
-def test_connection_death_fails_pending_calls(pair):
-    st = new_state()
-    a, b = pair
-    srv = ServerThread(b, echo_services(st))
-    client = rpc.RPCClient(a)
+def test_connection_death_fails_pending_calls(echo_rpc):
+    st, client, _, b = echo_rpc
     errors = []
 
     def pending():
@@ -266,56 +245,36 @@ def test_connection_death_fails_pending_calls(pair):
             errors.append(e)
     t = threading.Thread(target=pending)
     t.start()
-    try:
-        assert st["started"].wait(20)
-        b.shutdown(socket.SHUT_RDWR)     # the server side of the stream dies
-        t.join(20)
-        assert len(errors) == 1 and isinstance(errors[0], rpc.RPCClosedError)
-        assert isinstance(errors[0], ConnectionError)
-        with pytest.raises(rpc.RPCClosedError):
-            client.call("pty.Write", T.BYTES, b"x", T.INT, timeout=20)
-    finally:
-        st["release"].set()
-        client.close()
-        srv.stop()
+    assert st["started"].wait(20)
+    b.shutdown(socket.SHUT_RDWR)     # the server side of the stream dies
+    t.join(20)
+    assert len(errors) == 1 and isinstance(errors[0], rpc.RPCClosedError)
+    assert isinstance(errors[0], ConnectionError)
+    with pytest.raises(rpc.RPCClosedError):
+        client.call("pty.Write", T.BYTES, b"x", T.INT, timeout=20)
 
 
-def test_client_close_fails_pending_and_later_calls(pair):
-    st = new_state()
-    a, b = pair
-    srv = ServerThread(b, echo_services(st))
-    client = rpc.RPCClient(a)
+def test_client_close_fails_pending_and_later_calls(echo_rpc):
+    st, client, _, _ = echo_rpc
     errors = []
     t = threading.Thread(target=lambda: errors.append(
         pytest.raises(rpc.RPCClosedError, client.call, "pty.Read", T.INT, 1, T.BYTES)))
     t.start()
-    try:
-        assert st["started"].wait(20)
-        client.close()
-        t.join(20)
-        assert len(errors) == 1
-        with pytest.raises(rpc.RPCClosedError, match="shut down"):
-            client.call("pty.Write", T.BYTES, b"x", T.INT)
-    finally:
-        st["release"].set()
-        srv.stop()
+    assert st["started"].wait(20)
+    client.close()
+    t.join(20)
+    assert len(errors) == 1
+    with pytest.raises(rpc.RPCClosedError, match="shut down"):
+        client.call("pty.Write", T.BYTES, b"x", T.INT)
 
 
-def test_timeout_keeps_connection_usable(pair):
-    st = new_state()
-    a, b = pair
-    srv = ServerThread(b, echo_services(st))
-    client = rpc.RPCClient(a)
-    try:
-        with pytest.raises(rpc.RPCTimeout):
-            client.call("pty.Read", T.INT, 1, T.BYTES, timeout=0.2)
-        st["release"].set()                 # the late reply arrives and is skipped
-        assert client.call("pty.Write", T.BYTES, b"xy", T.INT, timeout=20) == 2
-        assert client.call("pty.Read", T.INT, 1, T.BYTES, timeout=20) == b"late"
-    finally:
-        st["release"].set()
-        client.close()
-        srv.stop()
+def test_timeout_keeps_connection_usable(echo_rpc):
+    st, client, _, _ = echo_rpc
+    with pytest.raises(rpc.RPCTimeout):
+        client.call("pty.Read", T.INT, 1, T.BYTES, timeout=0.2)
+    st["release"].set()                 # the late reply arrives and is skipped
+    assert client.call("pty.Write", T.BYTES, b"xy", T.INT, timeout=20) == 2
+    assert client.call("pty.Read", T.INT, 1, T.BYTES, timeout=20) == b"late"
 
 
 def test_on_close_runs_when_peer_goes(pair):

@@ -9,17 +9,8 @@ import threading
 
 import pytest
 
+from conftest import recv_exact
 from skypty import websocket as W
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    a.settimeout(10)
-    b.settimeout(10)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _ws_pair(pair, **kw):
@@ -29,21 +20,14 @@ def _ws_pair(pair, **kw):
 
 def _recv_frame(sock):
     """Read one unmasked server frame from a raw socket: (fin, opcode, payload)."""
-    def exact(n):
-        buf = b""
-        while len(buf) < n:
-            c = sock.recv(n - len(buf))
-            assert c, "stream ended"
-            buf += c
-        return buf
-    b0, b1 = exact(2)
+    b0, b1 = recv_exact(sock, 2)
     assert not b1 & 0x80, "server frames are never masked"
     n = b1 & 0x7F
     if n == 126:
-        (n,) = struct.unpack("!H", exact(2))
+        (n,) = struct.unpack("!H", recv_exact(sock, 2))
     elif n == 127:
-        (n,) = struct.unpack("!Q", exact(8))
-    return bool(b0 & 0x80), b0 & 0x0F, exact(n)
+        (n,) = struct.unpack("!Q", recv_exact(sock, 8))
+    return bool(b0 & 0x80), b0 & 0x0F, recv_exact(sock, n)
 
 
 def _close_code(payload):

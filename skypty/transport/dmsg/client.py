@@ -184,7 +184,8 @@ class DmsgClient:
                     raise DmsgError(200)
                 self._sessions[spk] = sess
             sess.mux.on_close(lambda _m, s=sess: self._session_closed(s))
-            threading.Thread(target=self._accept_loop, args=(sess,), name="dmsg-accept", daemon=True).start()
+            threading.Thread(target=sess.serve_streams, args=(self._incoming, "dmsg-incoming", lambda: self.closed),
+                             name="dmsg-accept", daemon=True).start()
             log.info("dmsg session up with server %s at %s:%d", spk.hex(), host, port)
             return sess
 
@@ -250,18 +251,10 @@ class DmsgClient:
         if self._posted == delegated and not due:
             return
         if self._entry is None:
-            try:
-                cur = self.disc.entry(self.pk)
-            except dmsgdisc.EntryNotFoundError:
-                cur = None
+            cur = self.disc.current_entry(self.pk)
             if cur is None or cur["client"] is None:
-                e = dmsgdisc.new_client_entry(self.pk, [PubKey.from_hex(h) for h in delegated], self.client_type,
-                                              sequence=0 if cur is None else cur["sequence"] + 1)
-                if cur is not None:
-                    e["timestamp"] = max(e["timestamp"], cur["timestamp"])
-                dmsgdisc.sign_entry(e, self.sk)
-                self.disc.post_entry(e)
-                self._entry = e
+                e = dmsgdisc.new_client_entry(self.pk, [PubKey.from_hex(h) for h in delegated], self.client_type)
+                self._entry = self.disc.post_after(e, cur, self.sk)
                 self._mark_posted(delegated)
                 return
             self._entry = cur
@@ -402,19 +395,9 @@ class DmsgClient:
             self._free_port(lport)
 
     # ---------------------------------------------------------------- incoming
-    def _accept_loop(self, sess: DmsgSession) -> None:
-        while not sess.closed and not self.closed:
-            try:
-                ys = sess.accept_stream()
-            except (ConnectionError, socket.timeout, SkyptyError):
-                return
-            threading.Thread(target=self._incoming, args=(sess, ys), name="dmsg-incoming", daemon=True).start()
-
     def _incoming(self, sess: DmsgSession, ys) -> None:
         try:
-            deadline = time.monotonic() + limits.DMSG_STREAM_HANDSHAKE_TIMEOUT
-            ys.settimeout(limits.DMSG_STREAM_HANDSHAKE_TIMEOUT)
-            obj = read_object(ys, sess.cipher, deadline)
+            obj, _ = sess.read_request(ys)
             v, src, dst = check_request(obj, local_pk=self.pk)
             with self._lock:
                 lis = self._listeners.get(dst.port)

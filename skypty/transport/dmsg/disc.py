@@ -244,8 +244,25 @@ class DiscClient:
     def entry(self, pk: PubKey) -> Dict[str, Any]:
         return parse_entry(self._check(*self._request("GET", f"{_PREFIX}/entry/{pk.hex()}")))
 
+    def current_entry(self, pk: PubKey) -> Optional[Dict[str, Any]]:
+        """pk's entry, or None when discovery holds none."""
+        try:
+            return self.entry(pk)
+        except EntryNotFoundError:
+            return None
+
     def post_entry(self, entry: Dict[str, Any]) -> None:
         self._check(*self._request("POST", f"{_PREFIX}/entry/", canonical_json(entry)))
+
+    def post_after(self, entry: Dict[str, Any], cur: Optional[Dict[str, Any]], sk: SecKey) -> Dict[str, Any]:
+        """Sign and POST `entry` as the successor of `cur` (what discovery holds now, or None):
+        discovery wants the sequence to follow and the timestamp never to go back."""
+        if cur is not None:
+            entry["sequence"] = cur["sequence"] + 1
+            entry["timestamp"] = max(entry["timestamp"], cur["timestamp"])
+        sign_entry(entry, sk)
+        self.post_entry(entry)
+        return entry
 
     def put_entry(self, entry: Dict[str, Any], sk: SecKey) -> Dict[str, Any]:
         """Update: sequence+1, fresh timestamp, re-sign, POST (retried once on a sequence race)."""
@@ -258,10 +275,8 @@ class DiscClient:
             if "sequence" not in str(e):
                 raise
             remote = self.entry(sk.pubkey())
-            entry["sequence"] = remote["sequence"] + 1
-            entry["timestamp"] = max(_now_ns(), remote["timestamp"])
-            sign_entry(entry, sk)
-            self.post_entry(entry)
+            entry["timestamp"] = _now_ns()
+            self.post_after(entry, remote, sk)
         return entry
 
     def delete_entry(self, entry: Dict[str, Any]) -> None:

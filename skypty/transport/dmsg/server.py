@@ -95,17 +95,9 @@ class DmsgServer:
         if self.disc is None:
             return
         if self._entry is None:
-            try:
-                cur = self.disc.entry(self.pk)
-            except dmsgdisc.EntryNotFoundError:
-                cur = None
-            e = dmsgdisc.new_server_entry(self.pk, self.public_address, self._available(),
-                                          sequence=0 if cur is None else cur["sequence"] + 1)
-            if cur is not None:
-                e["timestamp"] = max(e["timestamp"], cur["timestamp"])
-            dmsgdisc.sign_entry(e, self.sk)
-            self.disc.post_entry(e)
-            self._entry = e
+            cur = self.disc.current_entry(self.pk)
+            e = dmsgdisc.new_server_entry(self.pk, self.public_address, self._available())
+            self._entry = self.disc.post_after(e, cur, self.sk)
         else:
             self._entry["server"] = {"address": self.public_address, "availableSessions": self._available(),
                                      "serverType": ""}
@@ -178,19 +170,12 @@ class DmsgServer:
             log.info("dmsg server: session with %s ended (%s)", s.remote_pk.hex(), s.mux.error or "closed")
 
         sess.mux.on_close(gone)
-        while not sess.closed:
-            try:
-                ys = sess.accept_stream()
-            except (ConnectionError, socket.timeout, SkyptyError):
-                break
-            threading.Thread(target=self._serve_stream, args=(sess, ys), name="dmsg-stream", daemon=True).start()
+        sess.serve_streams(self._serve_stream, "dmsg-stream")
 
     def _serve_stream(self, sess: DmsgSession, ys) -> None:
         out = None
         try:
-            deadline = time.monotonic() + limits.DMSG_STREAM_HANDSHAKE_TIMEOUT
-            ys.settimeout(limits.DMSG_STREAM_HANDSHAKE_TIMEOUT)
-            obj = read_object(ys, sess.cipher, deadline)
+            obj, deadline = sess.read_request(ys)
             v, src, dst = check_request(obj, session_pk=sess.remote_pk)
             if v.get("IPinfo"):
                 return self._answer_ip(sess, ys, obj)

@@ -15,10 +15,10 @@ import socket
 import struct
 import threading
 import time
-from typing import Deque, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Optional, Set, Tuple
 
 from skypty import limits, noise
-from skypty.errors import HandshakeError, ProtocolError
+from skypty.errors import HandshakeError, ProtocolError, SkyptyError
 from skypty.keys import PubKey, SecKey
 from skypty.transport.dmsg.yamux import Session as YamuxSession
 
@@ -36,18 +36,13 @@ class ObjectCipher:
         self._send = send
         self._recv = recv
         recv.strict = False
-        self._slock = threading.Lock()
         self._rlock = threading.Lock()
         self._seen: Set[int] = set()
         self._seen_order: Deque[int] = collections.deque()
 
     def seal_frame(self, obj: bytes) -> bytes:
-        # Our objects are a few hundred bytes; the transport record cap (4070) is ample.
-        # Received objects may be any u16 length (RecvCipher has no cap), as in Go.
-        if len(obj) > limits.NOISE_MAX_PLAINTEXT:
-            raise ProtocolError(f"dmsg: session object of {len(obj)} bytes is too large")
-        with self._slock:
-            body = self._send.seal(obj)
+        # One record of any u16 length, as Go frames them: every object we read can be relayed.
+        body = self._send.seal_object(obj)
         return _U16.pack(len(body)) + body
 
     def open_body(self, body: bytes) -> bytes:
@@ -69,25 +64,10 @@ def write_object(stream, cipher: ObjectCipher, obj: bytes) -> None:
     stream.sendall(cipher.seal_frame(obj))
 
 
-def _read_exact(stream, n: int, deadline: Optional[float]) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("timed out")
-            stream.settimeout(left)
-        chunk = stream.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("stream closed")
-        buf += chunk
-    return bytes(buf)
-
-
 def read_object(stream, cipher: ObjectCipher, deadline: Optional[float] = None) -> bytes:
-    """One session object (the SignedObject bytes). Any u16 length is legal, as in Go."""
-    (n,) = _U16.unpack(_read_exact(stream, 2, deadline))
-    return cipher.open_body(_read_exact(stream, n, deadline))
+    """One session object (the SignedObject bytes). Any u16 length is legal, as in Go.
+    EOFError at a clean end, ProtocolError on a cut or bad frame."""
+    return cipher.open_body(noise.read_frame(stream, deadline, max_len=limits.DMSG_MAX_OBJECT))
 
 
 def _hs_io(sock: socket.socket, timeout: float, fn):
@@ -178,6 +158,23 @@ class DmsgSession:
 
     def accept_stream(self, timeout: Optional[float] = None):
         return self.mux.accept_stream(timeout)
+
+    def serve_streams(self, handler: Callable[["DmsgSession", Any], None], name: str,
+                      stopped: Callable[[], bool] = lambda: False) -> None:
+        """Run `handler(self, stream)` in a thread per stream the peer opens, until the
+        session ends or `stopped()` (blocks: give it a thread of its own)."""
+        while not self.closed and not stopped():
+            try:
+                ys = self.accept_stream()
+            except (ConnectionError, socket.timeout, SkyptyError):
+                return
+            threading.Thread(target=handler, args=(self, ys), name=name, daemon=True).start()
+
+    def read_request(self, ys) -> Tuple[bytes, float]:
+        """The first object of a stream the peer opened, and the handshake deadline it started."""
+        deadline = time.monotonic() + limits.DMSG_STREAM_HANDSHAKE_TIMEOUT
+        ys.settimeout(limits.DMSG_STREAM_HANDSHAKE_TIMEOUT)
+        return read_object(ys, self.cipher, deadline), deadline
 
     def close(self, why: Optional[str] = None) -> None:
         self.mux.close(why)

@@ -116,24 +116,23 @@ def _split(obj: bytes) -> Tuple[bytes, bytes]:
     return obj[:keys.SIG_LEN], obj[keys.SIG_LEN:]
 
 
-def decode_request(obj: bytes) -> Tuple[Dict[str, Any], Addr, Addr]:
-    """(fields, src, dst) of a request SignedObject; signature NOT checked yet."""
-    req_t, _ = _types()
+def _decode(obj: bytes, t) -> Dict[str, Any]:
+    """The gob value of a SignedObject; signature NOT checked yet."""
     _, g = _split(obj)
     try:
-        v = gob.loads(req_t, g)
+        return gob.loads(t, g)
     except (ProtocolError, ValueError) as e:
         raise DmsgError(370, f"bad gob: {e}") from None
+
+
+def decode_request(obj: bytes) -> Tuple[Dict[str, Any], Addr, Addr]:
+    """(fields, src, dst) of a request SignedObject; signature NOT checked yet."""
+    v = _decode(obj, _types()[0])
     return v, Addr.from_gob(v["SrcAddr"]), Addr.from_gob(v["DstAddr"])
 
 
 def decode_response(obj: bytes) -> Dict[str, Any]:
-    _, resp_t = _types()
-    _, g = _split(obj)
-    try:
-        v = gob.loads(resp_t, g)
-    except (ProtocolError, ValueError) as e:
-        raise DmsgError(370, f"bad gob: {e}") from None
+    v = _decode(obj, _types()[1])
     rh = v.get("ReqHash")
     v["ReqHash"] = bytes(rh) if rh is not None else bytes(32)
     v["IP"] = bytes(v.get("IP") or b"")
