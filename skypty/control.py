@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, List, Tuple
 
-from skypty.errors import UsageError
+from skypty.errors import ProtocolError, UsageError
 from skypty.limits import DEFAULT_DMSG_PORT
 
 __all__ = ["cmd_local_shell", "cmd_local_exec", "cmd_whitelist", "cmd_whitelist_add", "cmd_whitelist_remove",
@@ -57,7 +57,10 @@ def proxy_uri(text: str) -> str:
     from skypty.keys import PubKey
 
     pk_text, sep, port_text = text.strip().partition(":")
-    pk = PubKey.from_hex(pk_text)
+    try:
+        pk = PubKey.from_hex(pk_text)
+    except UsageError as e:
+        raise UsageError(f"--addr: {e}") from None
     if pk.is_null():
         raise UsageError("--addr: the null key is not a host")
     port = DEFAULT_DMSG_PORT
@@ -140,7 +143,10 @@ def _whitelist_call(args: Any, method: str, pks):
     sock = dial_control(net, addr)
     try:
         # A local host answers at once: bounded waits so a wedged host never hangs a script.
-        mux.request(sock, WHITELIST_URI, timeout=_CALL_TIMEOUT)
+        try:
+            mux.request(sock, WHITELIST_URI, timeout=_CALL_TIMEOUT)
+        except ProtocolError as e:   # say which socket failed, not just "Broken pipe"
+            raise ProtocolError(f"control socket {addr}: {e}") from None
         client = rpc.RPCClient(sock)
         try:
             if method == "Whitelist":

@@ -137,7 +137,7 @@ def _parse_hostport(text: str, default_port: Optional[int], whole: str) -> "tupl
     if port_s is None:
         if default_port is None:
             raise DestinationError(f"missing port in {_short(whole)!r} (want host:port)")
-        return host, default_port
+        return host, parse_port(str(default_port), whole)   # a bad -p/--port is a usage error too
     return host, parse_port(port_s, whole)
 
 
@@ -170,7 +170,7 @@ def parse_dest(text: str, default_port: int = DEFAULT_TCP_PORT, *, require_port:
         raise DestinationError(f"tcp:// needs <pk>@host:port (got {_short(whole)!r})")
     pk_s, sep, port_s = rest.partition(":")
     pk = parse_pk(pk_s)
-    port = parse_port(port_s, whole) if sep else default_port
+    port = parse_port(port_s if sep else str(default_port), whole)
     return Dest(pk, None, port, scheme)
 
 

@@ -223,7 +223,9 @@ class DiscClient:
         except OSError as e:
             raise DiscoveryError(f"discovery {self.base_url} unreachable: {e.strerror or e}") from None
         except http.client.HTTPException as e:
-            raise DiscoveryError(f"discovery {self.base_url}: bad HTTP answer ({e})") from None
+            # the peer's bytes may hold CR/LF: keep the user's error to one printable line
+            detail = " ".join(repr(str(e))[1:-1].split())[:120]
+            raise DiscoveryError(f"discovery {self.base_url}: bad HTTP answer ({detail})") from None
         finally:
             conn.close()
 
