@@ -34,9 +34,12 @@ EXECSTREAM_KEEPALIVE = 45.0
 EXECSTREAM_MAX_FRAME_PAYLOAD = 1024 * 1024
 EXECSTREAM_HEADER_TIMEOUT = 10.0
 
-# TCP host pre-auth limits (ours, like sshd's MaxStartups)
-MAX_UNAUTH_CONNS = 64
-MAX_UNAUTH_PER_SOURCE = 10
+# TCP host pre-auth limits (ours, like sshd's MaxStartups "full" value of 100): connections
+# that have not yet passed the whitelist. Per source leaves room for others when one address
+# floods, while a burst from one host (a NAT, 50 parallel execs) mostly fits; the rest are
+# reset and the client retries (CLIENT_HANDSHAKE_RETRY_DELAYS).
+MAX_UNAUTH_CONNS = 100
+MAX_UNAUTH_PER_SOURCE = 30
 
 # ports
 DEFAULT_TCP_PORT = 2022
@@ -115,9 +118,10 @@ FS_WRITE_INFLIGHT = 8 * 1024 * 1024    # unacknowledged WRITE bytes per open fil
 FS_READDIR_PIPELINE = 8                # READDIR requests in flight per directory listing
 FS_CACHE_MAX = 200_000                 # cached attributes / listings kept by a mount
 
-# client: a host sheds load by closing before its handshake reply (like sshd's MaxStartups);
-# the client retries such a close after these jittered pauses (x 0.5-1.0) before giving up
-CLIENT_HANDSHAKE_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+# client: a host over its pre-auth cap resets the connection before its handshake reply; the
+# client retries a reset (never an EOF: that is a wrong pinned key) after these jittered
+# pauses (x 0.5-1.0), enough for a burst of handshakes ahead of it to finish
+CLIENT_HANDSHAKE_RETRY_DELAYS = (0.1, 0.3, 0.9)
 
 # gob (ours): bytes of type definitions one decoder accepts; the protocol's own are < 1 KiB, and
 # each defined field costs ~100x its wire size in memory
@@ -127,5 +131,16 @@ SFTP_MAX_HANDLES = 1024                # open files per sftp session on the host
 NODE_RPC_DIAL_TIMEOUT = 5.0            # client -> node RPC (localhost:3435), as upstream
 NODE_RPC_BUDGET = 15.0                 # the node's own dial budget on top of TimeoutMS (pty.md §11)
 EXEC_CALL_SLACK = 15.0                 # client: wait this much past the remote timeout for an Exec reply
-FS_RELIST_MAX = 20_000                 # a directory up to this size is re-listed rather than stat'ed name by name
+FS_RELIST_MAX = 10_000                 # a directory up to this size is re-listed rather than stat'ed name by name
 CLIENT_PROXY_REQUEST_TIMEOUT = 30.0    # client: the control socket's dmsgpty/proxy answers after its own dmsg dial
+FS_OPEN_AHEAD = 8                      # files opened ahead when a directory is read file after file
+
+# TCP keepalive on every host and client TCP connection (ours): a peer whose network vanished
+# is declared dead after IDLE + INTERVAL * COUNT = 120 s without an answer
+TCP_KEEPALIVE_IDLE = 60
+TCP_KEEPALIVE_INTERVAL = 10
+TCP_KEEPALIVE_COUNT = 6
+EXECSTREAM_TRAILER_MAX = 8 * 1024      # ours: request trailers after a chunked body (read, ignored)
+CLOSE_DRAIN_TIMEOUT = 2.0              # ours: after FIN, how long we read what the peer still sends
+REJECT_DRAIN_MAX = 64 * 1024           # ours: bytes discarded from a client the whitelist refused
+EXECSTREAM_DRAIN_MAX = 4 * 1024 * 1024 # ours: bytes discarded after an exec-stream error answer
