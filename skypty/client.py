@@ -20,6 +20,7 @@ from .dest import Dest, format_hostport, parse_dest, parse_via
 from .errors import (EXIT_REMOTE_FAILED, EXIT_TIMEOUT, HandshakeError, KeyFormatError,
                      ProtocolError, RejectedError, SkyptyError, UsageError)
 from .keys import PubKey, SecKey, generate_keypair
+from .netutil import set_keepalive
 
 __all__ = [
     "PtyClient", "open_pty_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp", "resolve_identity",
@@ -192,6 +193,7 @@ def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
     except OSError as e:
         raise SkyptyError(f"cannot reach {where}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # interactive keystrokes
+    set_keepalive(sock)   # a host that vanished must not leave this client waiting for ever
     return sock
 
 
@@ -209,26 +211,33 @@ def _mux_request(conn, uri: str, timeout: float, not_listed: str) -> None:
 
 
 def _handshake(host: str, port: int, remote_pk: PubKey, sk: SecKey, timeout: float):
-    """Connect + XK. A close before the server's reply is retried a few times: a busy host
-    drops connections over its pre-auth cap that way. A wrong pinned key ends the same way,
-    so it is reported only once the retries are spent."""
+    """Connect + XK. A host over its pre-auth cap resets the connection before replying
+    (netutil.reset_close): that alone is retried, a few times. A wrong pinned key makes the
+    host close after reading message 1, an EOF here, which is reported at once."""
     import random
 
     from . import noise
 
     delays = list(limits.CLIENT_HANDSHAKE_RETRY_DELAYS)
     while True:
-        sock = _connect_tcp(host, port, timeout)
+        try:
+            sock = _connect_tcp(host, port, timeout)
+        except SkyptyError as e:   # the reset can beat connect() itself on a fast link
+            if "reset" not in str(e) or not delays:
+                raise
+            time.sleep(delays.pop(0) * random.uniform(0.5, 1.0))
+            continue
         try:
             return noise.client_handshake(sock, sk, remote_pk, timeout=min(timeout, limits.HANDSHAKE_TIMEOUT))
         except HandshakeError as e:
             sock.close()
             text = str(e)
-            closed = text.endswith("EOF") or "reset" in text or "roken pipe" in text
-            if closed and delays:
+            shed = "reset" in text or "roken pipe" in text
+            if shed and delays:
                 time.sleep(delays.pop(0) * random.uniform(0.5, 1.0))
                 continue
-            hint = " (wrong server key?)" if closed else ""
+            hint = (" (host busy: too many pending connections)" if shed else
+                    " (wrong server key?)" if text.endswith("EOF") else "")
             raise HandshakeError(f"{format_hostport(host, port)}: {text}{hint}") from None
         except OSError as e:
             sock.close()

@@ -20,6 +20,8 @@ from typing import Any, Callable, List, Optional, Set
 
 from skypty import limits
 from skypty.errors import HandshakeError, ProtocolError, SkyptyError, UsageError
+from skypty.netutil import close_after_drain, close_conn, set_keepalive
+from skypty.services.whitelist import WHITELIST_URI, whitelist_factory
 
 __all__ = ["Host", "PTY_URI", "SFTP_URI", "WHITELIST_URI", "PROXY_URI", "cmd_cli_host", "cmd_app_tcp",
            "cmd_standalone_host"]
@@ -28,9 +30,7 @@ log = logging.getLogger("skypty.host")
 
 PTY_URI = "dmsgpty/pty"
 SFTP_URI = "dmsgpty/sftp"
-WHITELIST_URI = "dmsgpty/whitelist"
 PROXY_URI = "dmsgpty/proxy"
-REJECT = b"\x01"
 
 
 class Host:
@@ -62,11 +62,12 @@ class Host:
 
         self.local_mux = mux.MuxTable()
         self.local_mux.add_rpc(PTY_URI, pty_factory)
-        self.local_mux.add_rpc(WHITELIST_URI, self._whitelist_factory)
+        self.local_mux.add_rpc(WHITELIST_URI, whitelist_factory(whitelist))
         self.local_mux.add_rpc(PROXY_URI, self._proxy_factory)
 
     # ------------------------------------------------------------------ policy
     def allowed(self, pk) -> bool:
+        """The one whitelist decision of every path; `pk` is what the transport authenticated."""
         if pk is not None and pk == self.pk:
             return True
         try:
@@ -80,12 +81,18 @@ class Host:
 
     # ------------------------------------------------------------------ pipelines
     def serve_tcp_conn(self, sock, addr, on_auth: Optional[Callable[[], None]] = None) -> None:
-        """XK responder (10 s) + whitelist + remote mux on one accepted TCP socket; closes it."""
+        """XK responder + whitelist + remote mux on one accepted TCP socket; always closes it.
+
+        Everything before the whitelist decision is pre-auth and bounded: the handshake by
+        its deadline and frame cap, a refused client by the drain below. `on_auth` runs only
+        once the whitelist accepted the key the handshake authenticated: until then the
+        listener counts this connection against its pre-auth caps.
+        """
         from skypty import mux, noise
 
         where = _addr_text(addr)
         if not self._track(sock):
-            _close(sock)
+            close_conn(sock)
             return
         conn = None
         try:
@@ -93,72 +100,70 @@ class Host:
                 conn = noise.server_handshake(sock, self.sk, timeout=limits.HANDSHAKE_TIMEOUT,
                                               require_pq=self.require_pq)
             except (HandshakeError, ProtocolError, OSError, ValueError) as e:
-                log.info("tcp: reject %s: %s", where, e)
+                log.info("tcp: reject %s: %s", mux.Peer(None, where, "tcp").describe(), e)
                 return
-            finally:
-                if on_auth is not None:
-                    on_auth()
-            pk = conn.remote_pk
-            if not self.allowed(pk):
-                # as upstream: close after msg 3 without writing a byte
-                log.warning("tcp: reject %s@%s: not whitelisted", _hex(pk), where)
-                _quiet_close(sock)
+            peer = mux.Peer(conn.remote_pk, where, "tcp")
+            if not self.allowed(conn.remote_pk):
+                # as upstream: close after msg 3 without writing a byte; the drain makes that
+                # an EOF for the client rather than a reset
+                log.warning("tcp: reject %s: not whitelisted", peer.describe())
+                close_after_drain(sock, limits.REJECT_DRAIN_MAX, limits.CLOSE_DRAIN_TIMEOUT)
                 return
+            if on_auth is not None:
+                on_auth()
             self._swap(sock, conn)
-            log.info("tcp: authenticated %s@%s", _hex(pk), where)
-            self.remote_mux.serve(conn, mux.Peer(pk, where, "tcp"))
-            log.info("tcp: session ended %s@%s", _hex(pk), where)
+            log.info("tcp: accept %s", peer.describe())
+            self.remote_mux.serve(conn, peer)
+            log.info("tcp: session ended %s", peer.describe())
         finally:
             self._untrack(sock)
             self._untrack(conn)
-            _close(conn if conn is not None else sock)
+            close_conn(conn if conn is not None else sock)
 
     def serve_dmsg_stream(self, conn, remote_pk, addr) -> None:
         """Whitelist (0x01 and close if unlisted, before reading the request) + remote mux."""
         from skypty import mux
 
-        where = _addr_text(addr)
+        peer = mux.Peer(remote_pk, _addr_text(addr), "dmsg")
         if not self.allowed(remote_pk):
-            log.warning("dmsg: reject %s (%s): not whitelisted", _hex(remote_pk), where)
+            log.warning("dmsg: reject %s: not whitelisted", peer.describe())
             try:
-                conn.sendall(REJECT)
+                conn.sendall(mux.REJECT)
             except OSError:
                 pass
-            _close(conn)
+            close_conn(conn)
             return
         if not self._track(conn):
-            _close(conn)
+            close_conn(conn)
             return
         try:
-            log.info("dmsg: accept %s (%s)", _hex(remote_pk), where)
-            self.remote_mux.serve(conn, mux.Peer(remote_pk, where, "dmsg"))
+            log.info("dmsg: accept %s", peer.describe())
+            self.remote_mux.serve(conn, peer)
+            log.info("dmsg: session ended %s", peer.describe())
         finally:
             self._untrack(conn)
-            _close(conn)
+            close_conn(conn)
 
     def serve_control_conn(self, sock) -> None:
         """Local mux, no authentication: the socket's file mode decides who gets here."""
         from skypty import mux
 
         if not self._track(sock):
-            _close(sock)
+            close_conn(sock)
             return
+        peer = mux.Peer(None, "local", "control")
         try:
-            self.local_mux.serve(sock, mux.Peer(None, "local", "control"))
+            log.info("control: accept %s", peer.describe())
+            self.local_mux.serve(sock, peer)
         finally:
             self._untrack(sock)
-            _close(sock)
+            close_conn(sock)
 
     # ------------------------------------------------------------------ handlers
     def _serve_sftp(self, conn, query, peer) -> None:
         from skypty.services.sftp import serve_sftp
 
         serve_sftp(conn, query, peer, root=self.sftp_root, readonly=self.sftp_readonly)
-
-    def _whitelist_factory(self, conn, query, peer):
-        from skypty.services.whitelist import whitelist_service
-
-        return [whitelist_service(self.whitelist)]
 
     def _proxy_factory(self, conn, query, peer):
         """`dmsgpty/proxy?pk=<hex>&port=<n>`: a pty service forwarded to another host."""
@@ -176,12 +181,15 @@ class Host:
             raise SkyptyError("proxy: bad pk or port")
         remote = self._proxy_dialer(pk, port)
         try:
+            if not self._track(remote):
+                raise SkyptyError("proxy: host is shutting down")
             mux.request(remote, PTY_URI, timeout=limits.MUX_REQUEST_TIMEOUT)
             client = rpc.RPCClient(remote)
         except BaseException:
-            _close(remote)
+            self._untrack(remote)
+            close_conn(remote)
             raise
-        log.info("proxy: %s -> %s:%d", peer.describe() if hasattr(peer, "describe") else peer, pk.hex(), port)
+        log.info("proxy: %s -> %s:%d", peer.describe(), pk.hex(), port)
 
         def fwd(name: str, at, rt):
             return lambda arg: client.call("pty." + name, at, arg, rt)
@@ -198,10 +206,10 @@ class Host:
         ]
 
         def ended() -> None:
+            self._untrack(remote)
             client.close()  # the remote host stops its pty when this connection ends
 
-        self._track(remote)
-        return [("pty", methods, lambda: (self._untrack(remote), ended()))]
+        return [("pty", methods, ended)]
 
     # ------------------------------------------------------------------ lifecycle
     def _track(self, c) -> bool:
@@ -217,7 +225,7 @@ class Host:
             if not self._closed:
                 self._conns.add(new)
         if self._closed:
-            _close(new)
+            close_conn(new)
 
     def _untrack(self, c) -> None:
         if c is None:
@@ -235,7 +243,7 @@ class Host:
             conns = list(self._conns)
             self._conns.clear()
         for c in conns:
-            _close(c)
+            close_conn(c)
         pty_service.stop_all()
         exec_service.kill_all()
 
@@ -255,40 +263,6 @@ def _addr_text(addr) -> str:
 
         return display_addr(str(addr[0]), int(addr[1]))
     return str(addr)
-
-
-def _close(c) -> None:
-    if c is None:
-        return
-    if hasattr(c, "shutdown") and isinstance(c, socket.socket):
-        try:
-            c.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    try:
-        c.close()
-    except Exception:
-        pass
-
-
-def _quiet_close(sock, limit: int = 64 * 1024, wait: float = 2.0) -> None:
-    """FIN first, then discard what the peer already sent (bounded): closing with unread
-    input makes the kernel answer RST, and the client would see a reset instead of EOF."""
-    deadline = time.monotonic() + wait
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        got = 0
-        while got < limit:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            sock.settimeout(left)
-            data = sock.recv(4096)
-            if not data:
-                break
-            got += len(data)
-    except OSError:
-        pass
 
 
 class _Stopper:
@@ -382,9 +356,12 @@ def _pk_list(values: List[str], what: str) -> list:
             item = item.strip()
             if item:
                 try:
-                    out.append(PubKey.from_hex(item))
+                    pk = PubKey.from_hex(item)
                 except SkyptyError as e:
                     raise UsageError(f"{what}: {e}") from None
+                if pk.is_null():
+                    raise UsageError(f"{what}: the null key cannot be whitelisted")
+                out.append(pk)
     return out
 
 
@@ -453,9 +430,13 @@ def cmd_standalone_host(args) -> int:
     from skypty.config import load_host_config
     from skypty.whitelist import open_whitelist
 
+    from skypty.transport.tcp import parse_listen_addr
+
     cfg = load_host_config(args)
     if cfg.sk is None:
         raise UsageError("no secret key: create a config with `skypty app pty dmsg confgen` and pass -c PATH")
+    if cfg.ssh_listen:
+        parse_listen_addr(cfg.ssh_listen)   # a usage error before the control socket exists
     wl = open_whitelist(cfg, cfg.sk.pubkey())
     host = Host(cfg.sk, wl, sftp_root=getattr(args, "sftp_root", None),
                 sftp_readonly=getattr(args, "sftp_readonly", False), require_pq=getattr(args, "require_pq", False))
@@ -532,6 +513,7 @@ def _serve_listen_fd(host: Host, fd: int) -> int:
     except OSError:
         peer = f"fd {fd}"
     sock.set_inheritable(False)
+    set_keepalive(sock)
     try:
         host.serve_tcp_conn(sock, peer)
     finally:

@@ -73,8 +73,6 @@ class Case(NamedTuple):
 
 
 C: List[Case] = []
-_LATE_LISTEN = ("skypty/host.py cmd_standalone_host checks the TCP listen address only after opening the "
-                "control socket (a log line first); check it before listen_control, as cmd_cli_host does")
 
 
 def case(*a, **kw) -> None:
@@ -289,9 +287,7 @@ case("umount-no-arg", FU, EXIT_USAGE, "skypty cli pty fs umount", r"required: mo
 HO = ["cli", "pty", "host", "-l", "127.0.0.1:{FREE}"]
 for name, bad in BAD_PKS.items():
     case(f"host-allow-{name}", HO + ["--allow", bad], EXIT_USAGE, "pty host",
-         "null key" if name == "null" else r"--allow: invalid public key",
-         xfail="skypty/host.py _pk_list accepts the null key: MemoryWhitelist refuses it later, exit 1 after a log "
-         "line, instead of exit 2 up front" if name == "null" else None, timeout=8.0)
+         "null key" if name == "null" else r"--allow: invalid public key", timeout=8.0)
 case("host-allow-second-bad", HO + ["--allow", "{OTHER}," + BAD_PKS["short"]], EXIT_USAGE, "pty host",
      r"--allow: invalid public key")
 case("host-no-allow", HO, EXIT_USAGE, "pty host", r"empty whitelist")
@@ -330,7 +326,7 @@ for pre, prefix, aprefix in ((["app", "pty", "dmsg"], "pty host", "skypty app pt
     case(f"{tag}-wl-null", base + ["-c", "{TMP}/good.json", "--wl", BAD_PKS["null"]], EXIT_USAGE, prefix,
          r"null key")
     case(f"{tag}-tcplisten-bad", base + ["-c", "{TMP}/good.json", "--tcplisten", "::1:2022"], EXIT_USAGE, prefix,
-         r"brackets", xfail=_LATE_LISTEN)
+         r"brackets")
     case(f"{tag}-tcplisten-busy", base + ["-c", "{TMP}/good.json", "--tcplisten", "127.0.0.1:{BUSY}"], EXIT_FAIL,
          prefix, r"in use|cannot listen", logs=True)
     case(f"{tag}-clinet-bad", base + ["-c", "{TMP}/good.json", "--clinet", "udp"], EXIT_USAGE, prefix, r"udp")
@@ -353,9 +349,9 @@ AT = ["app", "pty", "tcp", "--cliaddr", "{SOCK}"]
 case("apptcp-conf-missing", AT + ["-c", "{TMP}/nope.json", "--addr", "127.0.0.1:{FREE}"], EXIT_USAGE, "pty tcp",
      r"nope\.json: no such file")
 case("apptcp-addr-bad", AT + ["-c", "{TMP}/good.json", "--addr", "nocolon"], EXIT_USAGE, "pty tcp",
-     r"bad listen address", xfail=_LATE_LISTEN)
+     r"bad listen address")
 case("apptcp-addr-port-big", AT + ["-c", "{TMP}/good.json", "--addr", "127.0.0.1:99999"], EXIT_USAGE, "pty tcp",
-     r"bad port", xfail=_LATE_LISTEN)
+     r"bad port")
 case("apptcp-addr-busy", AT + ["-c", "{TMP}/good.json", "--addr", "127.0.0.1:{BUSY}"], EXIT_FAIL, "pty tcp",
      r"in use|cannot listen", logs=True)
 case("apptcp-wl-bad", AT + ["-c", "{TMP}/good.json", "--addr", "127.0.0.1:{FREE}", "--wl", BAD_PKS["short"]],

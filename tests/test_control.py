@@ -490,3 +490,39 @@ def test_proxy_addr_unreachable_is_one_line(tmp_path, sockdir):
         assert h.cli("whitelist").returncode == 0             # the host survives it
     finally:
         h.stop()
+
+
+# ================================================================== stale-socket abuse
+
+def test_stale_socket_of_another_user_is_not_removed_even_by_root(sockdir):
+    path = os.path.join(sockdir, "pty.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()
+    other = os.geteuid() + 4242
+    try:
+        os.chown(path, other, -1)
+    except PermissionError:
+        pytest.skip("needs root to give the socket to another uid")
+    with pytest.raises(UsageError, match=f"belongs to uid {other}"):
+        listen_control("unix", path)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode) and os.lstat(path).st_uid == other
+
+
+def test_stale_socket_in_a_directory_others_can_write_is_not_removed(sockdir):
+    # without the sticky bit anyone could swap the entry between our checks and the unlink
+    path = os.path.join(sockdir, "pty.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()
+    ino = os.lstat(path).st_ino
+    os.chmod(sockdir, 0o777)
+    try:
+        with pytest.raises(UsageError, match="writable by others"):
+            listen_control("unix", path)
+        assert os.lstat(path).st_ino == ino
+        os.chmod(sockdir, 0o1777)                   # sticky, like /tmp: only we may remove our entry
+        s = listen_control("unix", path)
+        s.close()
+    finally:
+        os.chmod(sockdir, 0o700)

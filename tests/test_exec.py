@@ -172,3 +172,46 @@ def test_kill_all_kills_running_and_rearms(tmp_path):
     assert _wait_gone([pid]) == []
     # later execs are not affected
     assert run_exec({"Name": "echo", "Arg": ["after"]})["Stdout"] == b"after\n"
+
+
+def _pids_with(marker: str) -> list:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _alive(int(name)):
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        out.append(int(name))
+            except OSError:
+                pass
+    return out
+
+
+def test_timeout_kills_a_job_that_left_the_process_group():
+    # a child that moved to a process group of its own (as a shell's job control does) is still
+    # in the command's session: a timeout must not leave it running as an orphan
+    import sys
+    marker = f"skypty-pgid-{os.getpid()}-{time.monotonic_ns()}"
+    code = "import os, time; os.setpgid(0, 0); print(os.getpid(), flush=True); time.sleep(600)"
+    r = run_exec({"Name": "sh", "Arg": ["-c", f'{sys.executable} -c "{code}" {marker} & wait'], "TimeoutMS": 2000})
+    assert r["TimedOut"] is True and r["ExitCode"] == -1
+    assert r["Stdout"].strip().isdigit()       # it did start (and moved group) before the deadline
+    assert _wait_gone(_pids_with(marker)) == []
+    assert _pids_with(marker) == []
+
+
+def test_deadline_kills_while_an_output_callback_blocks():
+    # exec-stream's callback blocks while a client does not read: the deadline must still kill
+    from skypty.services.exec import pump, spawn
+    proc = spawn("sh", ["-c", "echo x; exec sleep 600"], [], stdin=False)
+    seen = []
+
+    def stuck(_data: bytes) -> None:
+        deadline = time.monotonic() + 30
+        while _alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(_alive(proc.pid))          # killed (a zombie: pump cannot reap while we block)
+
+    assert pump(proc, b"", time.monotonic() + 0.5, stuck, lambda _d: None) is True
+    assert seen == [False]
+    assert proc.returncode is not None

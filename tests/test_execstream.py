@@ -260,3 +260,76 @@ def test_client_disconnect_kills_the_command():
 
 def test_uri_is_defined_once():
     assert execstream.EXEC_STREAM_URI == "dmsgpty/exec-stream"
+
+
+def _raw(headers, body=b""):
+    head = "POST /exec HTTP/1.1\r\nHost: dmsgpty\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
+    return head.encode("latin-1") + body
+
+
+_BODY16 = b'{"name":"true"} '     # 16 bytes: "10" in hex, "1_0" to a lenient int(…, 16)
+
+
+def _chunked(size_token: bytes, body: bytes = _BODY16, trailers: bytes = b"") -> bytes:
+    return size_token + b"\r\n" + body + b"\r\n0\r\n" + trailers + b"\r\n"
+
+
+@pytest.mark.parametrize("data,status", [
+    # two framings, or two lengths: a proxy in front could pick the other one (smuggling)
+    (_raw([f"Content-Length: {len(_BODY16)}", "Transfer-Encoding: chunked"], _chunked(b"10")), 400),
+    (_raw(["Transfer-Encoding: chunked", f"Content-Length: {len(_BODY16)}"], _chunked(b"10")), 400),
+    (_raw([f"Content-Length: {len(_BODY16)}", "Content-Length: 3"], _BODY16), 400),
+    (_raw([f"Content-Length: {len(_BODY16)}", "X: a\nTransfer-Encoding: chunked"], _BODY16), 400),
+    # chunk sizes Python's int(…, 16) would take but HTTP does not
+    (_raw(["Transfer-Encoding: chunked"], _chunked(b"0x10")), 400),
+    (_raw(["Transfer-Encoding: chunked"], _chunked(b"+10")), 400),
+    (_raw(["Transfer-Encoding: chunked"], _chunked(b"1_0")), 400),
+    (_raw(["Transfer-Encoding: chunked"], _chunked(b"-0")), 400),
+    # a Content-Length that str.isdigit() accepts but is no number
+    (_raw(["Content-Length: \u00b2"], b"xx"), 400),
+    # request trailers are read, but not without end
+    (_raw(["Transfer-Encoding: chunked"], _chunked(b"10", trailers=b"X-A: bbbbbbbbbb\r\n" * 1000)), 431),
+])
+def test_ambiguous_or_lenient_framing_is_refused(served, data, status):
+    r = served.exchange(data)
+    assert r.status == status, r.body
+    assert r.body.startswith(b"exec-stream: ")
+
+
+def test_strict_framing_still_accepts_what_go_sends(served):
+    r = served.exchange(_raw(["Transfer-Encoding: chunked", "Accept: " + MEDIA_TYPE],
+                             _chunked(b"10", trailers=b"X-A: b\r\n")))
+    assert (r.status, r.trailers["X-Exec-Exit-Code"]) == (200, "0")
+
+
+@pytest.mark.parametrize("obj,field", [
+    ({"name": "true", "arg": False}, "arg"),
+    ({"name": "true", "arg": [1]}, "arg"),
+    ({"name": "true", "env": 0}, "env"),
+    ({"name": "true", "env": "A=1"}, "env"),
+    ({"name": "true", "stdin": False}, "stdin"),
+    ({"name": "true", "stdin": 0}, "stdin"),
+    ({"name": "true", "timeout_ms": False}, "timeout_ms"),
+    ({"name": "true", "timeout_ms": 0.0}, "timeout_ms"),
+    ({"name": "true", "timeout_ms": "5"}, "timeout_ms"),
+    ({"name": 0}, "name"),
+    ({"name": ["true"]}, "name"),
+])
+def test_json_fields_are_type_checked(served, obj, field):
+    # a falsy value of the wrong type is an error, as in Go, not silently the default
+    r = served.exchange(request_bytes(obj))
+    assert r.status == 400
+    assert r.body.startswith(b"exec-stream: bad json: " + field.encode())
+
+
+@pytest.mark.parametrize("raw", [b'{"name": "true", "timeout_ms": NaN}', b"[" * 200000])
+def test_json_python_extensions_and_deep_nesting_are_400(served, raw):
+    r = served.exchange(request_bytes(raw_body=raw))
+    assert r.status == 400
+    assert r.body.startswith(b"exec-stream: bad json")
+
+
+def test_json_null_fields_are_zero_values(served):
+    r = served.exchange(request_bytes({"name": "true", "arg": None, "env": None, "stdin": None,
+                                       "timeout_ms": None}))
+    assert (r.status, r.trailers["X-Exec-Exit-Code"]) == (200, "0")

@@ -321,3 +321,39 @@ def _ignore(fn):
         fn()
     except Exception:
         pass
+
+
+def test_start_after_connection_end_spawns_nothing():
+    # rpc runs a connection's on_close while calls may still be running: a Start that
+    # arrives after the gateway closed must not leave a pty child nobody will ever stop
+    g = PtyGateway()
+    g.close()
+    marker = f"{os.getpid()}{time.monotonic_ns() % 100000:05d}"
+    with pytest.raises(PtyError) as ei:
+        g.start({"Name": "sleep", "Arg": [marker]})
+    assert str(ei.value) == "EOF"
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                assert f.read() != b"sleep\0" + marker.encode() + b"\0"
+        except OSError:
+            pass
+
+
+def test_child_has_a_controlling_tty_and_no_inherited_fds(gw):
+    # an inheritable fd of the host (as a launcher may pass one) must not reach the shell
+    r, w = os.pipe()
+    os.set_inheritable(r, True)
+    try:
+        gw.start({"Name": "sh", "Arg": ["-c", "tty; echo FDS; ls /proc/$$/fd; echo END; ps -o sid= -p $$ > /dev/null"
+                                            " && echo SID $(ps -o sid= -p $$) $$"]})
+        out, _ = _read_to_end(lambda: gw.read(4096))
+    finally:
+        os.close(r)
+        os.close(w)
+    text = out.decode().replace("\r", "")
+    assert re.search(r"^/dev/pts/\d+$", text, re.M), text
+    fds = re.search(r"FDS\n(.*?)END", text, re.S).group(1).split()
+    assert str(r) not in fds and set(fds) <= {"0", "1", "2", "10", "255"}, fds
+    sid, pid = re.search(r"SID\s+(\d+) (\d+)", text).groups()
+    assert sid == pid                                   # its own session: setsid + the pty as ctty

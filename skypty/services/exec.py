@@ -1,7 +1,11 @@
 """One-shot exec (rpc `pty.Exec`, pty.md §4.1): no tty, own session, argv without a shell.
 
 `run_exec` turns a CommandExecReq dict into a CommandExecResult dict. The process helpers
-(`spawn`, `pump`, `kill_group`) are shared with the exec-stream subsystem.
+(`spawn`, `pump`, `kill_session`) are shared with the pty service and exec-stream.
+
+Every child runs in its own session (no controlling tty, stdin /dev/null unless stdin was
+sent, no inherited fds but its three pipes). A command that is killed (deadline, connection
+gone, host shutdown) loses its whole session, not only the process it started as.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from skypty import limits
 from skypty.errors import SkyptyError
 
 __all__ = ["ExecError", "SpawnError", "run_exec", "merge_env", "resolve_command", "spawn", "pump",
-           "kill_group", "clamp_timeout_ms", "kill_all"]
+           "kill_session", "clamp_timeout_ms", "kill_all", "describe_peer"]
 
 _CHUNK = 65536
 
@@ -108,12 +112,53 @@ def kill_all(wait: float = 5.0) -> None:
                 pass
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL a whole process group; a group that is already gone is fine."""
+def _session_members(sid: int) -> List[int]:
+    """Live pids whose session id is `sid` (Linux /proc; empty elsewhere)."""
+    found = []
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(b")") + 2:].split()   # state ppid pgrp session ...
+        if len(rest) > 3 and rest[0] != b"Z" and int(rest[3]) == sid:
+            found.append(int(name))
+    return found
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL the process group `sid` and every process still in session `sid`.
+
+    Call it before reaping the leader: while the leader is unreaped its pid, which is the
+    group and session id, cannot be reused. A shell or script puts jobs in process groups
+    of their own; killing only the leader's group would leave those running as orphans.
+    """
+    try:
+        os.killpg(sid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for _ in range(10):   # bounded: a member forking as fast as we kill is not chased for ever
+        members = _session_members(sid)
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+
+
+def describe_peer(peer) -> str:
+    """`pk@addr (path)` of a mux.Peer for the logs; "-" when there is none (a direct call)."""
+    return peer.describe() if hasattr(peer, "describe") else "-"
 
 
 def clamp_timeout_ms(ms: Optional[int], default: int, maximum: int) -> int:
@@ -130,8 +175,11 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
     """Feed stdin and drain stdout/stderr until both close and the process exits.
 
     Returns True when the deadline fired (or `cancel_fd` became readable): the whole
-    process group is then SIGKILLed. The process is always reaped before returning.
+    session is then SIGKILLed. The process is always reaped before returning.
     Output is read to the end even when the caller discards it, so the child never blocks.
+    An output callback may block (exec-stream writing to a client that does not read): a
+    timer still kills the command at the deadline. Every reap happens under `guard`, and the
+    timer kills only under `guard` while nothing was reaped, so it never hits a reused pid.
     """
     sel = selectors.DefaultSelector()
     outs = {}
@@ -156,8 +204,24 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
         sel.register(fd, selectors.EVENT_READ)
     next_tick = time.monotonic() + tick_interval if tick and tick_interval else None
     killed = False
+    guard = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def expire() -> None:
+        with guard:
+            if not state["done"] and proc.returncode is None:
+                state["fired"] = True
+                kill_session(proc.pid)
+
+    def running() -> bool:
+        with guard:
+            return proc.poll() is None
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+    timer.daemon = True
+    timer.start()
     try:
-        while outs or proc.poll() is None:
+        while outs or running():
             now = time.monotonic()
             if now >= deadline:
                 killed = True
@@ -170,10 +234,11 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
                 wait = min(wait, max(0.0, next_tick - now))
             if not outs and in_fd is None:
                 # pipes are closed but the process lives on: wait for it in bounded slices
-                try:
-                    proc.wait(timeout=min(wait, 0.05))
-                except subprocess.TimeoutExpired:
-                    pass
+                with guard:
+                    try:
+                        proc.wait(timeout=min(wait, 0.05))
+                    except subprocess.TimeoutExpired:
+                        pass
                 if proc.returncode is None and _readable(cancel_fds):
                     killed = True
                     break
@@ -210,8 +275,9 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
             if killed:
                 break
     finally:
+        timer.cancel()
         if killed:
-            kill_group(proc.pid)
+            kill_session(proc.pid)
         if in_fd is not None and proc.stdin is not None:
             try:
                 proc.stdin.close()
@@ -225,6 +291,9 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
         for f in (proc.stdout, proc.stderr):
             if f is not None:
                 f.close()
+        with guard:
+            state["done"] = True   # the reap below may free the pid: the timer must not kill now
+            killed = killed or state["fired"]
         proc.wait()
         with _LIVE_LOCK:
             _LIVE.discard(proc)

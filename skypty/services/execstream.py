@@ -3,7 +3,10 @@
 POST /exec with a JSON body; the output streams back with chunked encoding, either framed
 (`[u8 tag][u32 BE len][payload]`, tag 0 keepalive, 1 stdout, 2 stderr) when Accept is the
 exact media type, or as plain text. Exit status travels in HTTP trailers.
-The one request is parsed by hand, every read bounded in size and time.
+The one request is parsed by hand, every read bounded in size and time. Parsing is strict
+where leniency lets two parsers disagree on where a body ends (request smuggling): both
+Content-Length and Transfer-Encoding, conflicting lengths, or a chunk size that is not plain
+hex are refused with 400. The JSON body's fields are type-checked as Go's decoder would.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import binascii
 import json
 import logging
 import os
-import socket
+import re
 import struct
 import threading
 import time
@@ -20,7 +23,8 @@ from email.utils import formatdate
 from typing import Dict, Optional, Tuple
 
 from skypty import limits
-from skypty.services.exec import SpawnError, clamp_timeout_ms, pump, spawn
+from skypty.netutil import close_after_drain, close_conn
+from skypty.services.exec import SpawnError, clamp_timeout_ms, describe_peer, pump, spawn
 
 __all__ = ["EXEC_STREAM_URI", "MEDIA_TYPE", "TAG_KEEPALIVE", "TAG_STDOUT", "TAG_STDERR",
            "serve_exec_stream", "encode_frame"]
@@ -36,6 +40,9 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             408: "Request Timeout", 413: "Request Entity Too Large", 431: "Request Header Fields Too Large"}
 
 log = logging.getLogger("skypty.execstream")
+
+_DIGITS = re.compile(rb"[0-9]{1,19}\Z")         # a Content-Length (ASCII digits only)
+_HEX = re.compile(rb"[0-9a-fA-F]{1,15}\Z")      # a chunk size (no 0x, sign or underscore)
 
 
 class _HTTPError(Exception):
@@ -114,11 +121,17 @@ def _parse_head(head: bytes) -> Tuple[str, str, Dict[str, str]]:
         if not ln:
             continue
         name, sep, value = ln.partition(":")
-        if not sep or not name or name != name.strip():
+        # a bare CR, LF or NUL would end the line for some other parser: refuse, don't guess
+        bad_char = "\r" in ln or "\n" in ln or "\0" in ln
+        if bad_char or not sep or not name or name != name.strip() or " " in name or "\t" in name:
             raise _HTTPError(400, "exec-stream: malformed header line")
         key = name.lower()
         value = value.strip()
+        if key == "content-length" and key in hdrs and hdrs[key] != value:
+            raise _HTTPError(400, "exec-stream: conflicting Content-Length headers")
         hdrs[key] = hdrs[key] + ", " + value if key in hdrs and key != "content-length" else value
+    if "transfer-encoding" in hdrs and "content-length" in hdrs:
+        raise _HTTPError(400, "exec-stream: both Transfer-Encoding and Content-Length")
     if target.startswith("http://") or target.startswith("https://"):
         rest = target.split("://", 1)[1]
         target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
@@ -135,23 +148,27 @@ def _read_body(rd: _Reader, hdrs: Dict[str, str]) -> bytes:
         body = bytearray()
         while True:
             size_line = rd.line(1024).split(b";", 1)[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
+            if not _HEX.match(size_line):
                 raise _HTTPError(400, "exec-stream: read body: malformed chunked encoding")
-            if size < 0 or len(body) + size > cap:
+            size = int(size_line, 16)
+            if len(body) + size > cap:
                 raise _HTTPError(400, "exec-stream: read body: http: request body too large")
             if size == 0:
-                while rd.line(8192):  # request trailers: ignored
-                    pass
-                return bytes(body)
+                trailer_bytes = 0
+                while True:  # request trailers: read (bounded) and ignored
+                    ln = rd.line(limits.EXECSTREAM_TRAILER_MAX)
+                    trailer_bytes += len(ln) + 2
+                    if trailer_bytes > limits.EXECSTREAM_TRAILER_MAX:
+                        raise _HTTPError(431, "exec-stream: request trailers too large")
+                    if not ln:
+                        return bytes(body)
             body += rd.exact(size)
             if rd.exact(2) != b"\r\n":
                 raise _HTTPError(400, "exec-stream: read body: malformed chunked encoding")
     cl = hdrs.get("content-length")
     if cl is None:
         return b""
-    if not cl.isdigit():
+    if not _DIGITS.match(cl.encode("latin-1")):
         raise _HTTPError(400, f"exec-stream: bad Content-Length {cl!r}")
     n = int(cl)
     if n > cap:
@@ -169,27 +186,28 @@ def _field(obj: dict, key: str):
     return None
 
 
+def _reject_constant(token: str):
+    raise ValueError(f"invalid JSON value {token}")   # Python accepts NaN/Infinity, Go does not
+
+
 def _parse_request(body: bytes) -> dict:
     try:
-        obj = json.loads(body.decode("utf-8"))
+        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeError, ValueError) as e:
         raise _HTTPError(400, f"exec-stream: bad json: {e}")
+    except RecursionError:   # a body of 1 MiB of "[" nests deeper than the parser's stack
+        raise _HTTPError(400, "exec-stream: bad json: nested too deeply")
     if not isinstance(obj, dict):
         raise _HTTPError(400, "exec-stream: bad json: not an object")
-    name = _field(obj, "name")
-    args = _field(obj, "arg") or []
-    env = _field(obj, "env") or []
-    stdin_b64 = _field(obj, "stdin") or ""
-    timeout_ms = _field(obj, "timeout_ms") or 0
-    if name is not None and not isinstance(name, str):
-        raise _HTTPError(400, "exec-stream: bad json: name must be a string")
+    # null is a field's zero value (as in Go); any other wrong type is an error, never a default
+    name = _typed(obj, "name", str, "a string", "")
+    args = _typed(obj, "arg", list, "a list of strings", [])
+    env = _typed(obj, "env", list, "a list of strings", [])
+    stdin_b64 = _typed(obj, "stdin", str, "base64", "")
+    timeout_ms = _typed(obj, "timeout_ms", int, "an integer", 0)
     for what, lst in (("arg", args), ("env", env)):
-        if not isinstance(lst, list) or not all(isinstance(a, str) for a in lst):
+        if not all(isinstance(a, str) for a in lst):
             raise _HTTPError(400, f"exec-stream: bad json: {what} must be a list of strings")
-    if not isinstance(stdin_b64, str):
-        raise _HTTPError(400, "exec-stream: bad json: stdin must be base64")
-    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int):
-        raise _HTTPError(400, "exec-stream: bad json: timeout_ms must be an integer")
     if not name:
         raise _HTTPError(400, "exec-stream: empty command name")
     try:
@@ -201,6 +219,15 @@ def _parse_request(body: bytes) -> dict:
     return {"name": name, "arg": args, "env": env, "stdin": stdin,
             "timeout_ms": clamp_timeout_ms(timeout_ms, limits.EXECSTREAM_DEFAULT_TIMEOUT_MS,
                                            limits.EXECSTREAM_MAX_TIMEOUT_MS)}
+
+
+def _typed(obj: dict, key: str, kind: type, what: str, zero):
+    value = _field(obj, key)
+    if value is None:
+        return zero
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _HTTPError(400, f"exec-stream: bad json: {key} must be {what}")
+    return value
 
 
 def _date() -> str:
@@ -215,32 +242,6 @@ def _send_error(conn, err: _HTTPError) -> None:
     head += ["Content-Type: text/plain; charset=utf-8", "X-Content-Type-Options: nosniff",
              f"Date: {_date()}", f"Content-Length: {len(body)}", "Connection: close", "", ""]
     conn.sendall("\r\n".join(head).encode("latin-1") + body)
-
-
-def _linger(conn, limit: int = 4 * 1024 * 1024, wait: float = 2.0) -> None:
-    """Half-close, then discard what the client still sends (bounded): closing with unread
-    input makes the kernel send RST, which can destroy the error response in flight."""
-    try:
-        if hasattr(conn, "shutdown_write"):
-            conn.shutdown_write()
-        else:
-            conn.shutdown(socket.SHUT_WR)
-    except (OSError, AttributeError):
-        return
-    deadline = time.monotonic() + wait
-    got = 0
-    try:
-        while got < limit:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            conn.settimeout(left)
-            data = conn.recv(65536)
-            if not data:
-                return
-            got += len(data)
-    except Exception:  # noqa: B902 - timeout or reset: we are closing anyway
-        return
 
 
 class _ChunkedWriter:
@@ -284,20 +285,7 @@ def serve_exec_stream(conn, query=None, peer=None) -> None:
     except Exception as e:  # noqa: B902 - one bad request must never hurt the host
         log.debug("exec-stream: %s", e)
     finally:
-        _close(conn)
-
-
-def _close(conn) -> None:
-    # shutdown() first: close() alone does not wake our watcher blocked in recv() on Linux
-    if hasattr(conn, "shutdown"):
-        try:
-            conn.shutdown(socket.SHUT_RDWR)
-        except (OSError, TypeError):
-            pass
-    try:
-        conn.close()
-    except OSError:
-        pass
+        close_conn(conn)   # also wakes our watcher thread blocked in recv()
 
 
 def _serve(conn, peer) -> None:
@@ -315,8 +303,10 @@ def _serve(conn, peer) -> None:
         rd.deadline = start + limits.EXECSTREAM_READ_TIMEOUT
         req = _parse_request(_read_body(rd, hdrs))
     except _HTTPError as e:
+        log.info("exec-stream: %d for %s: %s", e.status, describe_peer(peer), e)
         _send_error(conn, e)
-        _linger(conn)
+        # the answer must reach the client: closing on unread input would reset it away
+        close_after_drain(conn, limits.EXECSTREAM_DRAIN_MAX, limits.CLOSE_DRAIN_TIMEOUT)
         return
     except (TimeoutError, EOFError, OSError):
         return  # nobody to answer, or too slow: drop the connection like a Go server
@@ -354,7 +344,7 @@ def _run(conn, req: dict, framed: bool, peer) -> None:
         except SpawnError as e:
             code, timed_out, error = -1, False, str(e)
         else:
-            log.info("exec-stream: %s (pid %d) for %s", req["name"], proc.pid, _who(peer))
+            log.info("exec-stream: %s (pid %d) for %s", req["name"], proc.pid, describe_peer(peer))
             # a client that goes away cancels the command, as Go's request context does
             watcher = threading.Thread(target=_watch_client, args=(conn, out), daemon=True,
                                        name="execstream-watch")
@@ -392,7 +382,3 @@ def _watch_client(conn, out: _ChunkedWriter) -> None:
         pass
     out.gone()
 
-
-def _who(peer) -> str:
-    pk = getattr(peer, "pk", None)
-    return pk.hex() if pk is not None else "local"

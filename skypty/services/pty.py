@@ -16,14 +16,13 @@ import signal
 import struct
 import termios
 import threading
-import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from skypty import limits
 from skypty.errors import SkyptyError
-from skypty.services.exec import SpawnError, merge_env, resolve_command, run_exec
+from skypty.services.exec import SpawnError, describe_peer, kill_session, merge_env, resolve_command, run_exec
 
-__all__ = ["PTY_RPC_NAME", "PtyError", "PtyGateway", "pty_service", "pty_factory", "kill_session"]
+__all__ = ["PTY_RPC_NAME", "PtyError", "PtyGateway", "pty_service", "pty_factory", "stop_all"]
 
 PTY_RPC_NAME = "pty"
 log = logging.getLogger("skypty.pty")
@@ -40,50 +39,6 @@ _FORK_LOCK = threading.Lock()
 
 class PtyError(SkyptyError):
     """An error whose text is the rpc `Error` string."""
-
-
-def _proc_session_members(sid: int) -> List[int]:
-    """Live pids whose session id is `sid` (Linux /proc; empty elsewhere)."""
-    found = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(b")") + 2:].split()
-        # rest: state ppid pgrp session ...
-        if len(rest) > 3 and rest[0] != b"Z" and int(rest[3]) == sid:
-            found.append(int(name))
-    return found
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL the process group `sid` and every process still in session `sid`.
-
-    An interactive shell puts background jobs in their own process groups; killing only the
-    group would leave them running as orphans once the shell is gone.
-    """
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for _ in range(10):
-        members = _proc_session_members(sid)
-        if not members:
-            return
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.01)
 
 
 def _winsize(ws: Optional[dict]) -> Optional[bytes]:
@@ -172,11 +127,15 @@ class PtyGateway:
     # --- rpc methods ----------------------------------------------------------------
     def start(self, req: dict) -> dict:
         with self._lock:
+            # a Start still running when the connection ended must not leave a child behind:
+            # close() takes this lock, so either it sees the new pty or Start sees `_closed`
+            if self._closed:
+                raise PtyError(ERR_EOF)
             if self._proc is not None:
                 raise PtyError(ERR_RUNNING)
-            self._proc = self._spawn(req)
+            proc = self._proc = self._spawn(req)
             self._stopped = False
-        log.info("pty started: %s (pid %d) for %s", req.get("Name"), self._proc.pid, _who(self.peer))
+        log.info("pty started: %s (pid %d) for %s", req.get("Name"), proc.pid, describe_peer(self.peer))
         return {}
 
     def read(self, n: int) -> bytes:
@@ -265,7 +224,7 @@ class PtyGateway:
             self._proc = None
             self._stopped = True
         self._terminate(proc)
-        log.info("pty stopped (pid %d) for %s", proc.pid, _who(self.peer))
+        log.info("pty stopped (pid %d) for %s", proc.pid, describe_peer(self.peer))
         return {}
 
     def ping(self, _arg=None) -> dict:
@@ -281,7 +240,7 @@ class PtyGateway:
             cancel_r = self._exec_pipe[0]
         try:
             res = run_exec(req, cancel_fd=cancel_r)
-            log.info("exec %s for %s: exit %d%s in %d ms", req.get("Name"), _who(self.peer), res["ExitCode"],
+            log.info("exec %s for %s: exit %d%s in %d ms", req.get("Name"), describe_peer(self.peer), res["ExitCode"],
                      " (timed out)" if res["TimedOut"] else "", res["DurationMS"])
             return res
         finally:
@@ -291,12 +250,13 @@ class PtyGateway:
 
     def close(self) -> None:
         """Connection end: Stop, and kill the commands of Exec calls still running."""
+        with self._lock:
+            self._closed = True
         try:
             self.stop()
         except PtyError:
             pass
         with self._exec_lock:
-            self._closed = True
             if self._exec_pipe is not None:
                 try:
                     os.write(self._exec_pipe[1], b"x")
@@ -359,7 +319,7 @@ class PtyGateway:
                 if pid == 0:  # child: as little Python as possible before exec
                     code = 127
                     try:
-                        os.close(err_r)
+                        _close_inherited(keep=err_w)
                         if ws is not None:
                             fcntl.ioctl(0, termios.TIOCSWINSZ, ws)
                         try:  # Python ignores SIGPIPE/SIGXFSZ; an ignored signal survives exec
@@ -397,6 +357,24 @@ class PtyGateway:
         return _PtyProc(pid, master)
 
 
+def _close_inherited(keep: int) -> None:
+    """In the forked child: close every fd above 2 but `keep` (close-on-exec itself).
+
+    Python's own fds are close-on-exec already; this also drops inheritable ones the host
+    process was given (by its launcher, a library), as subprocess's close_fds does.
+    """
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def _read_all(fd: int) -> bytes:
     out = b""
     while True:
@@ -412,13 +390,6 @@ def _read_all(fd: int) -> bytes:
 def _strerror(e: OSError) -> str:
     s = e.strerror or str(e)
     return s[:1].lower() + s[1:]
-
-
-def _who(peer) -> str:
-    if peer is None:
-        return "?"
-    pk = getattr(peer, "pk", None)
-    return f"{pk.hex() if pk is not None else 'local'} {getattr(peer, 'addr', '')} ({getattr(peer, 'path', '')})"
 
 
 def pty_methods(gw: PtyGateway) -> list:

@@ -2,9 +2,11 @@
 
 `TCPServer` accepts with one thread per connection and hands each socket to
 `host.serve_tcp_conn(sock, addr, on_auth=…)`, which does the handshake and the whitelist.
-Before a connection authenticates it counts against two caps (like sshd's MaxStartups):
-all unauthenticated connections, and those from one source address. Excess connections
-are closed at once, before any handshake work.
+Until the whitelist accepts it (`on_auth`) a connection counts against two caps (like
+sshd's MaxStartups): all unauthenticated connections, and those from one source address.
+A connection over a cap is reset at once, before any handshake work; the reset (not an EOF)
+tells our client to retry. Each slot is taken under one lock and given back exactly once,
+whatever way the connection ends.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Dict, Optional, Set, Tuple
 
 from skypty import limits
 from skypty.errors import HandshakeError, SkyptyError, UsageError
+from skypty.netutil import close_conn, reset_close, set_keepalive
 
 __all__ = ["TCPServer", "dial_tcp", "parse_listen_addr", "display_addr"]
 
@@ -138,22 +141,22 @@ class TCPServer:
                     self._by_source[src] = self._by_source.get(src, 0) + 1
                     self._conns.add(sock)
             if reason:
-                log.warning("tcp: reject %s: %s", where, reason)
-                _drop(sock)
+                log.warning("tcp: reject -@%s (tcp): %s", where, reason)
+                reset_close(sock)
                 continue
-            log.info("tcp: accept %s", where)
+            log.info("tcp: accept -@%s (tcp): handshake", where)
             t = threading.Thread(target=self._serve, args=(sock, src, where), name=f"tcp-conn-{where}", daemon=True)
             with self._lock:
                 self._threads.add(t)
             try:
                 t.start()
             except RuntimeError as e:  # out of threads
-                log.warning("tcp: reject %s: %s", where, e)
+                log.warning("tcp: reject -@%s (tcp): %s", where, e)
                 with self._lock:
                     self._threads.discard(t)
                 self._release(src, [False])
                 self._forget(sock)
-                _drop(sock)
+                reset_close(sock)
 
     def _release(self, src: str, once: list) -> None:
         with self._lock:
@@ -176,16 +179,16 @@ class TCPServer:
         try:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 pass
+            set_keepalive(sock)
             self.host.serve_tcp_conn(sock, where, on_auth=lambda: self._release(src, once))
         except Exception:  # one connection must never take the listener down
             log.exception("tcp: connection %s failed", where)
         finally:
             self._release(src, once)
             self._forget(sock)
-            _drop(sock)
+            close_conn(sock)
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
@@ -215,17 +218,6 @@ class TCPServer:
         log.info("tcp: listener %s closed", self.address)
 
 
-def _drop(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
 def dial_tcp(host: str, port: int, sk, remote_pk, timeout: float = limits.TCP_DIAL_TIMEOUT, *,
              pq: bool = True, require_pq: bool = False):
     """Connect to host:port and run the XK initiator pinned to `remote_pk` -> SecureConn."""
@@ -240,10 +232,11 @@ def dial_tcp(host: str, port: int, sk, remote_pk, timeout: float = limits.TCP_DI
         raise SkyptyError(f"dial tcp {where}: {(e.strerror or str(e)).lower()}") from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_keepalive(sock)
         return noise.client_handshake(sock, sk, remote_pk, timeout=limits.HANDSHAKE_TIMEOUT, pq=pq,
                                       require_pq=require_pq)
     except BaseException as e:
-        _drop(sock)
+        close_conn(sock)
         if isinstance(e, HandshakeError):
             raise HandshakeError(f"{where}: {e}") from None
         raise

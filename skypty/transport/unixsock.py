@@ -2,8 +2,11 @@
 
 The control socket has no authentication beyond who can connect to it, so:
 - a unix socket is created 0600 with no moment where it is reachable with a wider mode;
-- an existing path is replaced only if it is a socket we own and nobody answers on it;
-  a live host there, or anything that is not a socket, makes us refuse to start;
+- an existing path is replaced only if it is a socket our euid owns (root included: another
+  user's socket is theirs to remove), nobody answers on it, and it is still the same inode
+  just before the unlink; in a directory others may write without the sticky bit the entry
+  could be swapped in between, so there we refuse. A live host there, or anything that is
+  not a socket, makes us refuse to start;
 - an abstract unix address (`@name`) has no permissions at all and a tcp address is reachable
   by every local user: the first is refused and the second must be loopback, unless `unsafe`.
 
@@ -112,10 +115,20 @@ def _clear_stale(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"control socket {path} exists and is not a socket; refusing to replace it")
-    if st.st_uid != os.geteuid() and os.geteuid() != 0:
+    if st.st_uid != os.geteuid():
         raise UsageError(f"control socket {path} belongs to uid {st.st_uid}; refusing to replace it")
     if _probe(path):
         raise UsageError(f"another host is already listening on {path} (use --cliaddr for a second one)")
+    parent = os.path.dirname(os.path.abspath(path))
+    pst = os.stat(parent)
+    if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
+        raise UsageError(f"stale control socket {path}: {parent} is writable by others; remove it by hand")
+    try:
+        again = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+        raise UsageError(f"control socket {path} changed while we checked it; refusing to replace it")
     log.info("removing stale control socket %s", path)
     try:
         os.unlink(path)

@@ -1,0 +1,97 @@
+"""Socket endings and TCP options shared by the host, the TCP transport and the services.
+
+Three ways a connection ends, each for a reason the peer can tell apart:
+- `close_conn`: shutdown(RDWR) then close. close() alone does not wake a thread of ours that
+  is blocked in recv() on the same socket (Linux), shutdown() does.
+- `close_after_drain`: FIN first, then read and discard (bounded in bytes and time) what the
+  peer already sent. Closing with unread input makes the kernel answer RST, which can destroy
+  the last bytes we wrote (an HTTP error) or turn a deliberate EOF into "connection reset".
+- `reset_close`: close with SO_LINGER 0, so the peer gets RST whatever it sent. The TCP host
+  sheds over-cap connections this way; our client retries only a reset handshake, and reports
+  an EOF (what a wrong pinned key produces) at once.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from skypty import limits
+
+__all__ = ["close_conn", "close_after_drain", "reset_close", "set_keepalive"]
+
+
+def close_conn(conn) -> None:
+    """End `conn` (a socket or a SecureConn), waking any thread blocked on it; never raises."""
+    if conn is None:
+        return
+    if hasattr(conn, "shutdown"):
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except (OSError, TypeError):   # TypeError: a stream whose shutdown() takes no argument
+            pass
+    try:
+        conn.close()
+    except Exception:  # noqa: B902 - closing is best effort by definition
+        pass
+
+
+def close_after_drain(conn, limit: int, wait: float) -> None:
+    """Half-close, discard up to `limit` bytes for at most `wait` s, and leave the close to the caller."""
+    try:
+        if hasattr(conn, "shutdown_write"):
+            conn.shutdown_write()
+        else:
+            conn.shutdown(socket.SHUT_WR)
+    except (OSError, AttributeError):
+        return
+    deadline = time.monotonic() + wait
+    got = 0
+    try:
+        while got < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            conn.settimeout(left)
+            data = conn.recv(65536)
+            if not data:
+                return
+            got += len(data)
+    except Exception:  # noqa: B902 - timeout or reset: we are closing anyway
+        return
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER on, timeout 0)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive with short probes (IDLE + INTERVAL * COUNT s to declare a peer dead).
+
+    After the handshake nothing on the TCP path has a timeout (rpc and the pty wait forever
+    on purpose), so a peer whose network vanished would keep its threads and its pty alive
+    for ever. A peer that vanished with our data unacknowledged is ended by the kernel's
+    retransmission limit instead (tcp_retries2, ~15 min). TCP_USER_TIMEOUT would shorten that
+    but also cuts a live peer that merely stops reading (zero window), so it is not set.
+    Options the platform lacks are skipped.
+    """
+    idle, interval, count = limits.TCP_KEEPALIVE_IDLE, limits.TCP_KEEPALIVE_INTERVAL, limits.TCP_KEEPALIVE_COUNT
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), int(value)))
+    if not hasattr(socket, "TCP_KEEPIDLE") and hasattr(socket, "TCP_KEEPALIVE"):   # macOS spelling
+        opts.append((socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, int(idle)))
+    for level, opt, value in opts:
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
