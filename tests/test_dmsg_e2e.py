@@ -343,6 +343,23 @@ def test_mode2_exec_through_control_proxy(two_hosts):
     assert r.returncode == 3
 
 
+def test_mode2_interactive_shell_through_control_proxy(two_hosts):
+    """An operator on host A opens a shell on host B over dmsg: `app pty exec --addr <B>:22`."""
+    import pexpect
+
+    child = pexpect.spawn(SKYPTY[0], SKYPTY[1:] + ["app", "pty", "exec", "-r", two_hosts["a_sock"],
+                                                   "--addr", f"{two_hosts['b_pk'].hex()}:22", "-c", "/bin/sh"],
+                          dimensions=(31, 97), env=dict(os.environ, PS1="dmsg$ ", TERM="xterm"), timeout=30)
+    try:
+        child.sendline("echo $((6*7)) on-b")
+        child.expect("42 on-b")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
 def test_mode2_standalone_client_and_refusal(two_hosts):
     from skypty.client import PtyClient
     from skypty.errors import RejectedError
