@@ -671,8 +671,11 @@ def test_preauth_slots_are_given_back_whatever_the_ending():
         g.settimeout(20)
         assert g.recv(10) == b""
         g.close()
+        # the client sees the close a moment before the listener thread gives the slot back
+        assert _wait_for(idle)
         h = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         h.close()
+        assert _wait_for(idle)
         c = dial_tcp("127.0.0.1", server.port, stranger, host.pk, timeout=10)
         c.settimeout(20)
         assert c.recv(1) == b""
