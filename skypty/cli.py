@@ -330,25 +330,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     target = getattr(args, "_target", None)
     if target is None:
         # a group with no verb of its own: show its help
-        parser.parse_args((argv if argv is not None else sys.argv[1:]) + ["--help"])
+        parser.parse_args(head + ["--help"])
         return EXIT_USAGE
-    if getattr(args, "command", None) and args.command[:1] == ["--"]:
-        args.command = args.command[1:]
     _setup_logging(getattr(args, "log_level", None))
     verb = args._verb
     try:
-        return int(resolve(target)(args) or 0)
+        handler = resolve(target)
+    except (ImportError, AttributeError) as e:
+        # a build that left a layer out (a trimmed zipapp, a missing optional library)
+        if getattr(args, "log_level", None) == "debug" or os.environ.get("SKYPTY_DEBUG"):
+            raise
+        sys.stderr.write(f"{verb}: not available in this build ({e})\n")
+        return EXIT_USAGE
+    try:
+        return int(handler(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write(f"{verb}: interrupted\n")
         return EXIT_INTERRUPTED
     except SkyptyError as e:
         sys.stderr.write(f"{verb}: {e}\n")
         return e.exit_code
-    except (ImportError, AttributeError) as e:
-        if getattr(args, "log_level", None) == "debug" or os.environ.get("SKYPTY_DEBUG"):
-            raise
-        sys.stderr.write(f"{verb}: not available in this build ({e})\n")
-        return EXIT_USAGE
     except BrokenPipeError:
         return 0
     except OSError as e:
