@@ -143,7 +143,7 @@ def main():
     rows = []
     throughput_mb_s(False, 64)  # warm-up: the first fork and buffers run cold
     for pq in (False, True):
-        if pq and not noise.PQ_AVAILABLE:
+        if pq and not noise.pq_available():
             rows.append(("XK handshake (ML-KEM hybrid)", "n/a", "ML-KEM unavailable"))
             continue
         tag = "hybrid" if pq else "classical"

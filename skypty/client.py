@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from . import limits
 from .dest import Dest, format_hostport, parse_dest, parse_via
@@ -185,7 +185,9 @@ def _result_defaults(res: Optional[dict]) -> dict:
 def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
     where = format_hostport(host, port)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        # an ASCII host goes down as bytes: a str is IDNA-encoded first, which imports the
+        # idna codec (and unicodedata) on every cold start for nothing
+        sock = socket.create_connection((host.encode("ascii") if host.isascii() else host, port), timeout=timeout)
     except socket.timeout:
         raise SkyptyError(f"cannot reach {where}: connection timed out") from None
     except socket.gaierror as e:
@@ -210,12 +212,16 @@ def _mux_request(conn, uri: str, timeout: float, not_listed: str) -> None:
         raise RejectedError(not_listed) from None
 
 
+def _backoff(delays: List[float]) -> None:
+    import random   # only a retry needs it (cold start)
+
+    time.sleep(delays.pop(0) * random.uniform(0.5, 1.0))
+
+
 def _handshake(host: str, port: int, remote_pk: PubKey, sk: SecKey, timeout: float):
     """Connect + XK. A host over its pre-auth cap resets the connection before replying
     (netutil.reset_close): that alone is retried, a few times. A wrong pinned key makes the
     host close after reading message 1, an EOF here, which is reported at once."""
-    import random
-
     from . import noise
 
     delays = list(limits.CLIENT_HANDSHAKE_RETRY_DELAYS)
@@ -225,7 +231,7 @@ def _handshake(host: str, port: int, remote_pk: PubKey, sk: SecKey, timeout: flo
         except SkyptyError as e:   # the reset can beat connect() itself on a fast link
             if "reset" not in str(e) or not delays:
                 raise
-            time.sleep(delays.pop(0) * random.uniform(0.5, 1.0))
+            _backoff(delays)
             continue
         try:
             return noise.client_handshake(sock, sk, remote_pk, timeout=min(timeout, limits.HANDSHAKE_TIMEOUT))
@@ -234,7 +240,7 @@ def _handshake(host: str, port: int, remote_pk: PubKey, sk: SecKey, timeout: flo
             text = str(e)
             shed = "reset" in text or "roken pipe" in text
             if shed and delays:
-                time.sleep(delays.pop(0) * random.uniform(0.5, 1.0))
+                _backoff(delays)
                 continue
             hint = (" (host busy: too many pending connections)" if shed else
                     " (wrong server key?)" if text.endswith("EOF") else "")
@@ -405,273 +411,26 @@ def _timeout_ms(seconds: float) -> int:
     return max(1, int(round(seconds * 1000)))
 
 
-# ---------------------------------------------------------------------------------- exec-stream
-
-class _HTTPReader:
-    """Bounded line/chunk reader over a stream with `recv` (one HTTP/1.1 response)."""
-
-    def __init__(self, conn) -> None:
-        self._conn = conn
-        self._buf = bytearray()
-
-    def _fill(self) -> bool:
-        data = self._conn.recv(65536)
-        if not data:
-            return False
-        self._buf += data
-        return True
-
-    def readline(self, limit: int = 8192) -> bytes:
-        while True:
-            i = self._buf.find(b"\n")
-            if i >= 0:
-                line = bytes(self._buf[:i + 1])
-                del self._buf[:i + 1]
-                return line.rstrip(b"\r\n")
-            if len(self._buf) > limit:
-                raise ProtocolError("exec-stream: HTTP line too long")
-            if not self._fill():
-                raise ProtocolError("exec-stream: connection closed mid-response")
-
-    def read_some(self, n: int) -> bytes:
-        if not self._buf and not self._fill():
-            return b""
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def read_exact(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            part = self.read_some(n - len(out))
-            if not part:
-                raise ProtocolError("exec-stream: connection closed mid-response")
-            out += part
-        return bytes(out)
-
-
-def _read_headers(r: _HTTPReader, cap: int = 100) -> Dict[str, str]:
-    headers: Dict[str, str] = {}
-    for _ in range(cap):
-        line = r.readline()
-        if not line:
-            return headers
-        k, sep, v = line.decode("latin-1").partition(":")
-        if sep:
-            headers[k.strip().lower()] = v.strip()
-    raise ProtocolError("exec-stream: too many header lines")
-
-
-def _body_chunks(r: _HTTPReader, headers: Dict[str, str]):
-    """Yield the body's bytes as they arrive (chunked, Content-Length or close-delimited)."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            size_line = r.readline().split(b";", 1)[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise ProtocolError(f"exec-stream: bad chunk size {size_line[:20]!r}") from None
-            if size == 0:
-                headers.update(_read_headers(r))   # trailers
-                return
-            left = size
-            while left:
-                part = r.read_some(min(left, 65536))
-                if not part:
-                    raise ProtocolError("exec-stream: connection closed mid-chunk")
-                left -= len(part)
-                yield part
-            r.read_exact(2)
-    elif "content-length" in headers:
-        left = int(headers["content-length"])
-        while left > 0:
-            part = r.read_some(min(left, 65536))
-            if not part:
-                raise ProtocolError("exec-stream: connection closed mid-body")
-            left -= len(part)
-            yield part
-    else:
-        while True:
-            part = r.read_some(65536)
-            if not part:
-                return
-            yield part
-
-
-class _Sink:
-    """Where streamed output goes: live to our stdout/stderr, or kept (capped) for --json."""
-
-    def __init__(self, keep: bool) -> None:
-        self.keep = keep
-        self.bufs = {1: bytearray(), 2: bytearray()}
-        self.truncated = {1: False, 2: False}
-
-    def write(self, tag: int, data: bytes) -> None:
-        if tag == 0:
-            return      # keepalive (its payload, if any, means nothing)
-        if self.keep:
-            buf = self.bufs[tag]
-            room = limits.EXEC_OUTPUT_CAP - len(buf)
-            if len(data) > room:
-                self.truncated[tag] = True
-                data = data[:max(room, 0)]
-            buf += data
-        else:
-            _write_all(sys.stdout.buffer if tag == 1 else sys.stderr.buffer, data)
-
-
-def exec_stream_tcp(dest: Dest, sk: SecKey, name: str, argv: Sequence[str], env: Sequence[str],
-                    timeout_ms: int, keep: bool = False) -> Optional[dict]:
-    """Run one command over the exec-stream subsystem, output delivered as it is produced.
-
-    Returns a CommandExecResult-shaped dict (Stdout/Stderr filled only when `keep`), or None when
-    the host has no exec-stream subsystem (it answered the mux request with 0x01).
-    """
-    import json
-
-    from .services.execstream import EXEC_STREAM_URI, MEDIA_TYPE as media
-
-    try:
-        conn = dial_uri_tcp(dest.host, dest.port, dest.pk, sk, EXEC_STREAM_URI)
-    except RejectedError as e:
-        if "whitelisted" in str(e):
-            raise
-        return None
-    started = time.monotonic()
-    sink = _Sink(keep)
-    try:
-        body = {"name": name}
-        if argv:
-            body["arg"] = list(argv)
-        if env:
-            body["env"] = list(env)
-        body["timeout_ms"] = int(timeout_ms)
-        payload = json.dumps(body).encode()
-        head = (f"POST /exec HTTP/1.1\r\nHost: dmsgpty\r\nUser-Agent: skypty\r\nContent-Length: {len(payload)}\r\n"
-                f"Accept: {media}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n").encode()
-        conn.sendall(head + payload)
-        # The host bounds the command; this only catches a host that vanished without a FIN.
-        conn.settimeout(timeout_ms / 1000.0 + 2 * limits.EXECSTREAM_KEEPALIVE)
-        r = _HTTPReader(conn)
-        status = r.readline().decode("latin-1")
-        parts = status.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/"):
-            raise ProtocolError(f"exec-stream: bad status line {status[:60]!r}")
-        headers = _read_headers(r)
-        if parts[1] != "200":
-            text = b"".join(_capped(_body_chunks(r, headers), 4096)).decode("utf-8", "replace").strip()
-            raise SkyptyError(f"exec-stream: HTTP {parts[1]}: {text.splitlines()[0] if text else status}")
-        framed = headers.get("content-type", "").split(";")[0].strip() == media
-        if framed:
-            _read_frames(_body_chunks(r, headers), sink)
-        else:
-            for part in _body_chunks(r, headers):
-                sink.write(1, part)
-    except socket.timeout:
-        raise SkyptyError("exec-stream: the host stopped answering") from None
-    except OSError as e:
-        raise SkyptyError(f"exec-stream: connection lost: {e.strerror or e}") from None
-    finally:
-        conn.close()
-    code = headers.get("x-exec-exit-code")
-    if code is None:
-        raise SkyptyError("exec-stream: stream ended before the command reported an exit code")
-    if headers.get("x-exec-error"):
-        sink.write(2, (headers["x-exec-error"] + "\n").encode())
-    try:
-        dur = int(headers.get("x-exec-duration-ms") or 0)
-        exit_code = int(code)
-    except ValueError:
-        raise ProtocolError(f"exec-stream: bad exit-code trailer {code[:20]!r}") from None
-    return {"Stdout": bytes(sink.bufs[1]), "Stderr": bytes(sink.bufs[2]),
-            "StdoutTruncated": sink.truncated[1], "StderrTruncated": sink.truncated[2],
-            "ExitCode": exit_code, "TimedOut": headers.get("x-exec-timed-out", "").lower() == "true",
-            "DurationMS": dur or int((time.monotonic() - started) * 1000)}
-
-
-def _capped(chunks, cap: int):
-    got = 0
-    for c in chunks:
-        if got >= cap:
-            continue    # drain so trailers are read, keep nothing
-        got += len(c)
-        yield c
-
-
-def _read_frames(chunks, sink: _Sink) -> None:
-    """[u8 tag][u32 BE len][payload] frames; they may straddle HTTP chunks."""
-    buf = bytearray()
-    need_hdr = True
-    tag = length = 0
-    for part in chunks:
-        buf += part
-        while True:
-            if need_hdr:
-                if len(buf) < 5:
-                    break
-                tag, length = buf[0], int.from_bytes(buf[1:5], "big")
-                if tag > 2:
-                    raise ProtocolError(f"exec-stream: unknown frame tag {tag}")
-                if length > limits.EXECSTREAM_MAX_FRAME_PAYLOAD:
-                    raise ProtocolError(f"exec-stream: frame of {length} bytes > max")
-                del buf[:5]
-                need_hdr = False
-            if not buf and length:
-                break
-            take = min(length, len(buf))
-            if take:
-                sink.write(tag, bytes(buf[:take]))   # deliver partial frames live
-                del buf[:take]
-                length -= take
-            if length == 0:
-                need_hdr = True
-            else:
-                break
-    if buf or not need_hdr:
-        raise ProtocolError("exec-stream: body ended inside a frame")
-
-
-# ---------------------------------------------------------------------------------- node RPC
-
-def node_exec(rpc_addr: str, dest: Dest, scheme: str, name: str, argv: Sequence[str], env: Sequence[str],
-              timeout_ms: int) -> dict:
-    """`app-visor.DmsgPtyExec` on the local node (pty.md §11)."""
-    from . import gob
-    from .gobtypes import CommandExecReq, CommandExecResult, PubKey as PubKeyT
-    from .rpc import RPCClient
-
-    host, _, port_s = rpc_addr.rpartition(":")
-    host = host.strip("[]") or "localhost"
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise UsageError(f"--rpc wants host:port, got {rpc_addr!r}") from None
-    try:
-        sock = socket.create_connection((host, port), timeout=limits.NODE_RPC_DIAL_TIMEOUT)
-    except OSError:
-        raise SkyptyError(f"no local node RPC at {rpc_addr} (is the node running? or reach the host"
-                          " directly with tcp://<pk>@host:port or --via)") from None
-    sock.settimeout(None)
-    args_t = gob.Struct("DmsgPtyExecArgs", [("RemotePK", PubKeyT), ("RemotePort", gob.UINT16),
-                                            ("Req", CommandExecReq), ("Scheme", gob.STRING)])
-    req = {"Name": name, "Arg": list(argv), "Env": list(env), "Stdin": b"", "TimeoutMS": int(timeout_ms)}
-    arg = {"RemotePK": bytes(dest.pk), "RemotePort": dest.port, "Req": req, "Scheme": scheme}
-    client = RPCClient(sock)
-    try:
-        res = client.call("app-visor.DmsgPtyExec", args_t, arg, CommandExecResult,
-                          timeout=timeout_ms / 1000.0 + limits.NODE_RPC_BUDGET + limits.EXEC_CALL_SLACK)
-    finally:
-        client.close()
-        sock.close()
-    return _result_defaults(res)
-
-
 # ---------------------------------------------------------------------------------- verbs
+
+_STREAM_NAMES = ("exec_stream_tcp", "node_exec", "_HTTPReader", "_read_headers", "_body_chunks", "_Sink",
+                 "_capped", "_read_frames")
+
+
+def __getattr__(name: str):
+    if name in _STREAM_NAMES:   # they live in client_stream.py, loaded only when used
+        from . import client_stream
+
+        return getattr(client_stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _run_exec_tcp(dest: Dest, sk: SecKey, command: List[str], env: List[str], timeout_ms: int,
                   stream: bool, as_json: bool, verb: str) -> int:
     name, argv = command[0], command[1:]
     if stream:
+        from .client_stream import exec_stream_tcp
+
         res = exec_stream_tcp(dest, sk, name, argv, env, timeout_ms, keep=as_json)
         if res is not None:
             return _emit_result(res, as_json, timeout_ms) if as_json else _finish_stream(res, timeout_ms)
@@ -802,6 +561,8 @@ def cmd_exec(args) -> int:
     if args.stream:
         raise UsageError("--stream needs a direct tcp:// destination (the node RPC is buffered)")
     scheme = args.scheme or target.scheme or ("" if args.transport == "auto" else args.transport)
+    from .client_stream import node_exec
+
     res = node_exec(args.rpc, target, scheme, command[0], command[1:], env, timeout_ms)
     return _emit_result(res, args.json, min(timeout_ms, limits.EXEC_MAX_TIMEOUT_MS))
 

@@ -11,7 +11,6 @@ import logging
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
-from urllib.parse import parse_qs, urlsplit
 
 from . import limits
 from .errors import ProtocolError, RejectedError, UsageError
@@ -110,6 +109,8 @@ def _read_request(conn: Any, timeout: float) -> bytes:
 def parse_request(raw: bytes) -> Optional[Tuple[str, Dict[str, str]]]:
     """(path, query) of a request URI as the host matches it, or None if it does not parse.
     Query values: the first value of each key (Go's url.Values.Get)."""
+    from urllib.parse import parse_qs, urlsplit   # host side only: a client's cold start skips it
+
     try:
         uri = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -29,26 +29,38 @@ import time
 from typing import Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import limits
 from .errors import HandshakeError, KeyFormatError, ProtocolError
 from .keys import PubKey, SecKey, generate_keypair, noise_dh
 
-try:  # ML-KEM needs cryptography >= 46 built against a library that has it
-    from cryptography.hazmat.primitives.asymmetric import mlkem as _mlkem
+_MLKEM = None   # (generate, from_public_bytes) once loaded; False where this cryptography lacks it
 
-    _mlkem.MLKEM768PrivateKey.generate()
-    PQ_AVAILABLE = True
-except Exception:  # pragma: no cover - depends on the installed cryptography
-    _mlkem = None
-    PQ_AVAILABLE = False
+
+def _mlkem_ops():
+    """ML-KEM-768 from `cryptography`, loaded by the first handshake that wants it rather than at
+    import (the exec path's cold start is a budget). None when unavailable: classical then."""
+    global _MLKEM
+    if _MLKEM is None:
+        try:
+            from cryptography.hazmat.primitives.asymmetric import mlkem
+
+            mlkem.MLKEM768PrivateKey.generate()  # present in the API is not enough: the backend must have it
+            _MLKEM = (mlkem.MLKEM768PrivateKey.generate, mlkem.MLKEM768PublicKey.from_public_bytes)
+        except Exception:  # pragma: no cover - depends on the installed cryptography
+            _MLKEM = False
+    return _MLKEM or None
+
+
+def pq_available() -> bool:
+    """Whether this process can do the ML-KEM-768 hybrid (cryptography >= 46 with a backend that has it)."""
+    return _mlkem_ops() is not None
+
 
 __all__ = [
     "Handshake", "SendCipher", "RecvCipher", "SecureConn", "client_handshake", "server_handshake",
-    "read_frame", "write_frame", "PQ_AVAILABLE", "PROTOCOL_XK", "PROTOCOL_KK",
+    "read_frame", "write_frame", "pq_available", "PROTOCOL_XK", "PROTOCOL_KK",
     "MLKEM768_EK_LEN", "MLKEM768_CT_LEN", "PQ_HKDF_INFO",
 ]
 
@@ -161,10 +173,11 @@ class Handshake:
         self.remote_pk: Optional[PubKey] = remote_pk if needs_rs else None
         self._e = ephemeral_sk
         self._re: Optional[PubKey] = None
-        if require_pq and not PQ_AVAILABLE:
+        pq_ok = pq_available() if (pq or require_pq) else False
+        if require_pq and not pq_ok:
             raise HandshakeError("post-quantum key exchange required but ML-KEM-768 is unavailable"
                                  " (needs a newer python cryptography)")
-        self._pq = (pq or require_pq) and PQ_AVAILABLE
+        self._pq = pq_ok
         self._require_pq = require_pq
         self._kem_sk = None
         self._kem_ct = b""
@@ -281,7 +294,7 @@ class Handshake:
         if not self._pq:
             return b""
         if self._index == 0 and self.initiator:
-            self._kem_sk = _mlkem.MLKEM768PrivateKey.generate()
+            self._kem_sk = _MLKEM[0]()
             return self._kem_sk.public_key().public_bytes_raw()
         if self._index == 1 and not self.initiator:
             ct, self._kem_ct = self._kem_ct, b""
@@ -294,7 +307,7 @@ class Handshake:
             # Only an exactly sized key counts; anything else falls back to classical.
             if self._pq and len(payload) == MLKEM768_EK_LEN:
                 try:
-                    ek = _mlkem.MLKEM768PublicKey.from_public_bytes(payload)
+                    ek = _MLKEM[1](payload)
                     self._pq_secret, self._kem_ct = ek.encapsulate()
                 except Exception:
                     self._pq_secret, self._kem_ct = None, b""
@@ -331,7 +344,10 @@ class Handshake:
 
 
 def _pq_mix(k: bytes, ss: bytes, h: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=h, info=PQ_HKDF_INFO).derive(k + ss)
+    # HKDF-SHA256 (RFC 5869), salt h, one 32-byte output block: extract, then T(1).
+    # Two HMACs from hashlib, instead of importing cryptography's KDF stack for them.
+    prk = _hmac(h, k + ss)
+    return _hmac(prk, PQ_HKDF_INFO + b"\x01")
 
 
 # --- transport records ---------------------------------------------------------------------

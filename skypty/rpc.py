@@ -117,7 +117,7 @@ Service = Tuple[str, Sequence[Method]]
 
 class RPCServer:
     """Serves registered services on one connection. serve() blocks until the peer stops
-    sending; each call runs in its own thread, replies go out in completion order."""
+    sending; each call runs on its own (pooled) worker thread, replies go out in completion order."""
 
     def __init__(self, conn: Any, max_inflight: int = limits.RPC_MAX_INFLIGHT,
                  first_id: int = DEFAULT_FIRST_ID):
@@ -130,8 +130,16 @@ class RPCServer:
         self._dec = Decoder(self._reader.read_exact)
         self._wlock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_inflight)
+        # Reusable workers (at most max_inflight, as many as calls ever overlapped): starting
+        # a thread per call put its start-up handshake on every keystroke's critical path.
+        # A call is handed to an idle worker or to a new one, never queued behind a busy one,
+        # so a blocked Read still never stalls a Write.
         self._threads: List[threading.Thread] = []
-        self._tlock = threading.Lock()
+        self._tlock = threading.Lock()   # _threads, _idle, _jobs puts
+        self._idle = 0                   # workers waiting for a job and not yet promised one
+        import queue   # here, not at the top: a client process never needs it (cold start)
+
+        self._jobs: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
         self._write_failed = False
         # ordered methods: name -> [next ticket, ticket now allowed to run]
         self._tickets: Dict[str, List[int]] = {}
@@ -197,7 +205,6 @@ class RPCServer:
         finally:
             if ticket >= 0:
                 self._done_turn(sm, ticket)
-            self._slots.release()
 
     def _done_turn(self, sm: str, ticket: int) -> None:
         with self._turn:
@@ -208,6 +215,19 @@ class RPCServer:
                 tk[1] += 1
             self._turn.notify_all()
 
+    def _worker(self, job: Optional[tuple]) -> None:
+        jobs, lock = self._jobs, self._tlock
+        while job is not None:
+            try:
+                self._run(*job)
+            finally:
+                with lock:
+                    self._idle += 1
+                # the slot is given back only once this worker can take the next call, so
+                # there are never more workers than max_inflight
+                self._slots.release()
+            job = jobs.get()   # None: the connection ended
+
     def _spawn(self, m: Method, sm: str, seq: int, arg: Any) -> None:
         ticket = -1
         if m.ordered:
@@ -215,10 +235,14 @@ class RPCServer:
                 tk = self._tickets.setdefault(sm, [0, 0])
                 ticket = tk[0]
                 tk[0] += 1
-        t = threading.Thread(target=self._run, args=(m, sm, seq, arg, ticket), daemon=True,
-                             name=f"rpc-{sm}-{seq}")
+        job = (m, sm, seq, arg, ticket)
         with self._tlock:
-            self._threads = [x for x in self._threads if x.is_alive()]
+            if self._idle > 0:
+                self._idle -= 1
+                self._jobs.put(job)
+                return
+            t = threading.Thread(target=self._worker, args=(job,), daemon=True,
+                                 name=f"rpc-worker-{len(self._threads)}")
             self._threads.append(t)
         try:
             t.start()
@@ -270,6 +294,8 @@ class RPCServer:
         self._on_close = []
         with self._tlock:
             threads = list(self._threads)
+            for _ in threads:   # one stop mark per worker: idle ones leave now, busy ones after their call
+                self._jobs.put(None)
         deadline = time.monotonic() + limits.RPC_DRAIN_TIMEOUT
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -281,13 +307,30 @@ class RPCServer:
 
 
 class _Call:
-    __slots__ = ("reply_type", "event", "reply", "error")
+    """One call in flight (what RPCClient.go returns): wait() gives its reply or raises."""
 
-    def __init__(self, reply_type: GobType):
+    __slots__ = ("method", "reply_type", "event", "reply", "error", "_client", "_seq")
+
+    def __init__(self, method: str, reply_type: GobType):
+        self.method = method
         self.reply_type = reply_type
         self.event = threading.Event()
         self.reply: Any = None
         self.error: Optional[BaseException] = None
+        self._client: Optional["RPCClient"] = None
+        self._seq = -1
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        if not self.event.wait(timeout):
+            c = self._client
+            if c is not None:
+                with c._lock:
+                    c._pending.pop(self._seq, None)
+            if not self.event.is_set():
+                raise RPCTimeout(f"rpc {self.method}: no reply within {timeout:g}s")
+        if self.error is not None:
+            raise self.error
+        return self.reply
 
 
 class RPCClient:
@@ -312,7 +355,13 @@ class RPCClient:
 
     def call(self, method: str, arg_type: GobType, arg: Any, reply_type: GobType,
              timeout: Optional[float] = None) -> Any:
-        c = _Call(reply_type)
+        return self.go(method, arg_type, arg, reply_type).wait(timeout)
+
+    def go(self, method: str, arg_type: GobType, arg: Any, reply_type: GobType) -> _Call:
+        """Send the call now, wait for its reply later (`.wait(timeout)`), as Go's Client.Go:
+        lets a caller keep a call outstanding while it does something else."""
+        c = _Call(method, reply_type)
+        c._client = self
         with self._wlock:
             with self._lock:
                 if self._dead is not None:
@@ -327,19 +376,13 @@ class RPCClient:
                 if self._dead is not None:
                     raise RPCClosedError(f"rpc {method}: {self._dead}")
                 self._seq += 1
+                c._seq = seq
                 self._pending[seq] = c
             try:
                 self._conn.sendall(data)
             except (OSError, ProtocolError) as e:
                 self._fail(f"connection lost: {e}")
-        if not c.event.wait(timeout):
-            with self._lock:
-                self._pending.pop(seq, None)
-            if not c.event.is_set():
-                raise RPCTimeout(f"rpc {method}: no reply within {timeout:g}s")
-        if c.error is not None:
-            raise c.error
-        return c.reply
+        return c
 
     def _fail(self, reason: str) -> None:
         with self._lock:

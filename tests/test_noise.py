@@ -23,7 +23,7 @@ from skypty.noise import (Handshake, RecvCipher, SecureConn, SendCipher, client_
 
 XK = load_vector("noise_xk.json")
 DS = load_vector("dmsg_stream.json")
-needs_pq = pytest.mark.skipif(not noise.PQ_AVAILABLE, reason="ML-KEM-768 unavailable in this cryptography")
+needs_pq = pytest.mark.skipif(not noise.pq_available(), reason="ML-KEM-768 unavailable in this cryptography")
 
 
 def sk(h):
@@ -354,7 +354,7 @@ def _round_trip(kind, pq, payload_size=300_000):
         s = srv.get()
         assert cli.remote_pk == sk_.pubkey() and s.remote_pk == ck.pubkey()
         assert cli.local_pk == ck.pubkey() and s.local_pk == sk_.pubkey()
-        expect_pq = pq and noise.PQ_AVAILABLE
+        expect_pq = pq and noise.pq_available()
         assert cli.pq == s.pq == expect_pq
         data = os.urandom(payload_size)
         echo = Thread(lambda: [s.sendall(s.recv_exact(len(data))), s.shutdown_write()])
@@ -738,7 +738,7 @@ def test_pq_responder_survives_an_invalid_mlkem_key():
 
 
 def test_without_mlkem_pq_degrades_to_classical(monkeypatch):
-    monkeypatch.setattr(noise, "PQ_AVAILABLE", False)
+    monkeypatch.setattr(noise, "_MLKEM", False)
     k = generate_keypair()[1]
     with pytest.raises(HandshakeError, match="ML-KEM-768 is unavailable"):
         Handshake("XK", True, k, generate_keypair()[0], require_pq=True)

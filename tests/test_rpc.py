@@ -531,3 +531,21 @@ def test_no_thread_outlives_a_vanished_peer(pair):
         x.join(20)
         assert not x.is_alive(), x.name
     client.close()
+
+
+def test_calls_reuse_worker_threads(echo_rpc):
+    """Calls run on pooled workers: sequential calls do not each start a thread, and a Read
+    blocked on one worker still leaves Writes their own."""
+    st, client, _, _ = echo_rpc
+    before = {t for t in threading.enumerate() if t.name.startswith("rpc-worker")}
+    res = []
+    t = threading.Thread(target=lambda: res.append(client.call("pty.Read", T.INT, 10, T.BYTES)))
+    t.start()
+    assert st["started"].wait(20)
+    for i in range(50):
+        assert client.call("pty.Write", T.BYTES, b"x" * i, T.INT, timeout=20) == i
+    workers = {t for t in threading.enumerate() if t.name.startswith("rpc-worker")} - before
+    assert 2 <= len(workers) < 25   # one held by Read, the Writes share the rest
+    st["release"].set()
+    t.join(20)
+    assert res == [b"late"]
