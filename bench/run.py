@@ -26,8 +26,10 @@ MODULES = ["bench_core", "bench_gob", "bench_coldstart", "bench_ssh", "bench_mem
 
 def _norm(row) -> dict:
     if isinstance(row, dict):
-        return {"name": row.get("name"), "skypty": row.get("skypty", row.get("value")),
-                "peer": row.get("peer"), "unit": row.get("unit", ""), "note": row.get("note", "")}
+        peer = next((row[k] for k in ("peer", "ssh", "sshfs") if k in row), None)
+        note = row.get("note") or (f"target {row['target']}" if row.get("target") else "")
+        return {"name": row.get("name") or row.get("metric") or "?", "skypty": row.get("skypty", row.get("value")),
+                "peer": peer, "unit": row.get("unit", ""), "note": note}
     if len(row) == 3:
         return {"name": row[0], "skypty": row[1], "peer": None, "unit": row[2], "note": ""}
     if len(row) >= 4:
@@ -73,6 +75,7 @@ def main() -> int:
             lines.append(f"| {name:<44} | {'-':>12} | {'-':>12} | {'-':>7} | | not available: {e} |")
             continue
         t0 = time.monotonic()
+        saved_argv, sys.argv = sys.argv, [name]   # a module's own argparse must not see ours
         try:
             rows = mod.main() or []
         except Exception as e:  # a bench that breaks is reported, the others still run
@@ -80,6 +83,8 @@ def main() -> int:
                 traceback.print_exc()
             lines.append(f"| {name:<44} | {'-':>12} | {'-':>12} | {'-':>7} | | skipped: {e} |")
             continue
+        finally:
+            sys.argv = saved_argv
         for r in map(_norm, rows):
             ratio = "-"
             if isinstance(r["skypty"], (int, float)) and isinstance(r["peer"], (int, float)) and r["peer"]:
