@@ -764,21 +764,27 @@ class RemoteFS:
             o.size_hint = length
 
     # --- namespace ---
-    def mkdir(self, path, mode):
-        self._check_writable()
-        a = SFTPAttributes()
-        a.st_mode = mode & 0o7777
-        self._forget(path)
-        mk = self.sftp.submit(14, self._remote(path), a)   # SSH_FXP_MKDIR
+    def _create(self, path, req) -> None:
+        """Wait for a request that creates `path`, with an lstat pipelined behind it.
+
+        SFTP v3 has no "exists" status: a create over an existing name fails with a generic
+        failure/permission code, so the lstat tells EEXIST apart (and refreshes the cache)."""
         st_req = self._lstat_req(path)
         try:
-            self.sftp.wait(mk)
+            self.sftp.wait(req)
         except OSError as e:
             st = self._take_stat(path, st_req)
             if e.errno == errno.EPERM and st is not None:
                 raise OSError(errno.EEXIST, path) from None
             raise
         self._take_stat(path, st_req)
+
+    def mkdir(self, path, mode):
+        self._check_writable()
+        a = SFTPAttributes()
+        a.st_mode = mode & 0o7777
+        self._forget(path)
+        self._create(path, self.sftp.submit(14, self._remote(path), a))   # SSH_FXP_MKDIR
 
     def rmdir(self, path):
         self._check_writable()
@@ -841,16 +847,7 @@ class RemoteFS:
         # fusepy: `target` is the new link's path, `source` what it points to (ln -s source target)
         self._check_writable()
         self._forget(target)
-        mk = self.sftp.submit(20, source, self._remote(target))   # SSH_FXP_SYMLINK, OpenSSH order
-        st_req = self._lstat_req(target)
-        try:
-            self.sftp.wait(mk)
-        except OSError as e:
-            st = self._take_stat(target, st_req)
-            if e.errno == errno.EPERM and st is not None:
-                raise OSError(errno.EEXIST, target) from None
-            raise
-        self._take_stat(target, st_req)
+        self._create(target, self.sftp.submit(20, source, self._remote(target)))   # SSH_FXP_SYMLINK, OpenSSH order
 
     def link(self, target, source):
         raise OSError(errno.EPERM, "hard links are not supported over sftp")

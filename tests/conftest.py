@@ -98,3 +98,23 @@ def sign_hash_fixed_nonce(sk, digest: bytes, k: bytes) -> bytes:
         return 1
 
     return coincurve.PrivateKey(bytes(sk)).sign_recoverable(bytes(digest), hasher=None, custom_nonce=(nonce, ffi.NULL))
+
+
+def process_alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
+
+
+def wait_gone(pids, bound: float = 10.0) -> list:
+    """Wait until none of pids is alive; return those still alive after `bound` seconds."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if not any(process_alive(p) for p in pids):
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if process_alive(p)]

@@ -13,24 +13,7 @@ from skypty.services.exec import ExecError, clamp_timeout_ms, run_exec
 pytestmark = pytest.mark.timeout(120)
 
 
-def _alive(pid: int) -> bool:
-    """A process that exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
-
-
-def _wait_gone(pids, bound: float = 10.0) -> list:
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        left = [p for p in pids if _alive(p)]
-        if not left:
-            return []
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+from conftest import process_alive as _alive, wait_gone as _wait_gone  # noqa: E402
 
 
 def test_stdout_stderr_exit_code_exact():

@@ -17,22 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 EIO = "read /dev/ptmx: input/output error"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
-
-
-def _wait_gone(pids, bound: float = 10.0) -> list:
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        if not any(_alive(p) for p in pids):
-            return []
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+from conftest import process_alive as _alive, wait_gone as _wait_gone  # noqa: E402
 
 
 def _read_until(read, needle: bytes, limit: int = 1 << 20) -> bytes:
