@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from . import limits
 from .dest import Dest, format_hostport, parse_dest, parse_via
@@ -112,6 +112,29 @@ class PtyClient:
     def write(self, data: bytes) -> int:
         gob, _ = _gob()
         return int(self._call("Write", gob.BYTES, bytes(data), gob.INT) or 0)
+
+    # -- the same without waiting: fn runs on the rpc reader thread (see RPCClient.go)
+    def read_then(self, fn: Callable[[bytes, Optional[BaseException]], Any],
+                  n: int = limits.CLIENT_READ_SIZE) -> None:
+        """Issue a Read; fn(data, None) with its output, or fn(b"", err) where err is an
+        EOFError once the remote program ended. Raises if the call cannot be sent."""
+        from .rpc import RPCError
+
+        gob, _ = _gob()
+
+        def done(call) -> None:
+            err = call.error
+            if isinstance(err, RPCError) and _is_ended_error(str(err)):
+                self._ended = True
+                err = EOFError(str(err))
+            fn(b"" if err is not None else bytes(call.reply or b""), err)
+
+        self._rpc.go("pty.Read", gob.INT, int(n), gob.BYTES, callback=done)
+
+    def write_then(self, data: bytes, fn: Callable[[Optional[BaseException]], Any]) -> None:
+        """Issue a Write; fn(None) once the host took it, fn(err) if it failed."""
+        gob, _ = _gob()
+        self._rpc.go("pty.Write", gob.BYTES, bytes(data), gob.INT, callback=lambda call: fn(call.error))
 
     def set_size(self, rows: int, cols: int, x: int = 0, y: int = 0) -> None:
         gob, gt = _gob()

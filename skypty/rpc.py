@@ -22,7 +22,7 @@ from .gob import DEFAULT_FIRST_ID, EMPTY, Decoder, Encoder, GobType
 from .gobtypes import RPC_REQUEST, RPC_RESPONSE
 
 __all__ = [
-    "RPCError", "RPCClosedError", "RPCTimeout", "Method", "RPCServer", "RPCClient",
+    "RPCError", "RPCClosedError", "RPCTimeout", "Method", "Later", "Wait", "RPCServer", "RPCClient",
     "BufferedReader",
 ]
 
@@ -45,19 +45,64 @@ class RPCTimeout(SkyptyError, TimeoutError):
     """No reply within the call's timeout (the connection stays usable)."""
 
 
+class Later:
+    """What a Method's `now` returns when the call would block: `finish()` gives the reply
+    (or raises) and runs on a worker thread like any other call."""
+
+    __slots__ = ("finish",)
+
+    def __init__(self, finish: Callable[[], Any]):
+        self.finish = finish
+
+
+class Wait:
+    """What a Method's `now` returns when the call waits for input on file descriptors.
+
+    The connection's reading thread polls `fds` beside the connection itself and calls
+    `ready()` once one is readable: it returns the reply, raises, or returns a Wait again
+    (nothing there after all). A connection without a fileno() hands the call to a worker,
+    which does the same polling. `release()` runs if the connection ends first. Only an
+    ordered method may wait this way, so at most one call per method is parked."""
+
+    __slots__ = ("fds", "ready", "release")
+
+    def __init__(self, fds: Sequence[int], ready: Callable[[], Any],
+                 release: Optional[Callable[[], Any]] = None):
+        self.fds, self.ready, self.release = tuple(fds), ready, release
+
+    def block(self) -> Any:
+        """ready()'s final reply, polling on this thread."""
+        import select
+
+        w: Any = self
+        while isinstance(w, Wait):
+            p = select.poll()
+            for fd in w.fds:
+                p.register(fd, select.POLLIN)
+            p.poll()
+            w = w.ready()
+        return w
+
+
 class Method:
     """One rpc method: fn(arg) -> reply; raising makes the call fail with str(exc).
 
     Calls run concurrently, as in Go. ordered=True runs this method's calls one at a time in
     arrival order (pipelined pty.Write calls must not overtake each other); other methods,
-    e.g. a blocked Read, are not held up by it."""
+    e.g. a blocked Read, are not held up by it.
 
-    __slots__ = ("name", "arg_type", "reply_type", "fn", "ordered")
+    `now(arg)`, when given, is tried first on the connection's reading thread whenever no
+    earlier call of the method is still running: it must not block, and returns the reply, a
+    `Later` or a `Wait`. A keystroke's Write and the Read that carries its echo then cost no
+    thread hand-off at all: that is the interactive echo latency."""
+
+    __slots__ = ("name", "arg_type", "reply_type", "fn", "ordered", "now")
 
     def __init__(self, name: str, arg_type: GobType, reply_type: GobType, fn: Callable[[Any], Any],
-                 ordered: bool = False):
+                 ordered: bool = False, now: Optional[Callable[[Any], Any]] = None):
         self.name, self.arg_type, self.reply_type, self.fn = name, arg_type, reply_type, fn
         self.ordered = ordered
+        self.now = now
 
     def __repr__(self) -> str:
         return f"Method({self.name!r})"
@@ -72,6 +117,9 @@ class BufferedReader:
         self._buf = bytearray()
         self._bufsize = bufsize
         self._eof = False
+
+    def buffered(self) -> int:
+        return len(self._buf)
 
     def read_exact(self, n: int) -> bytes:
         buf = self._buf
@@ -145,6 +193,13 @@ class RPCServer:
         self._tickets: Dict[str, List[int]] = {}
         self._turn = threading.Condition()
         self._skipped: set = set()
+        # calls waiting on fds, polled by the serve thread itself (see Wait)
+        self._parked: List[tuple] = []
+        try:
+            self._fileno: Optional[int] = conn.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fileno = None
+        self._pending = getattr(conn, "pending", None) or (lambda: 0)
 
     def register(self, service_name: str, methods: Sequence[Method],
                  on_close: Optional[Callable[[], Any]] = None) -> None:
@@ -196,7 +251,12 @@ class RPCServer:
                     while self._tickets[sm][1] != ticket:
                         self._turn.wait()
             try:
-                reply = m.fn(arg)
+                if isinstance(arg, Later):
+                    reply = arg.finish()
+                elif isinstance(arg, Wait):
+                    reply = arg.block()
+                else:
+                    reply = m.fn(arg)
             except Exception as e:  # any failure travels to the caller as its text
                 text = str(e) or type(e).__name__
                 self._send(sm, seq, text, EMPTY, {})
@@ -228,6 +288,69 @@ class RPCServer:
                 self._slots.release()
             job = jobs.get()   # None: the connection ended
 
+    def _try_now(self, m: Method, sm: str, seq: int, arg: Any) -> Any:
+        """Run m.now on this thread if no earlier call of m is still running. Returns what
+        still has to go to a worker (a Later, a Wait, or the original arg), else None."""
+        if m.ordered:
+            with self._turn:
+                tk = self._tickets.get(sm)
+                if tk is not None and tk[0] != tk[1]:
+                    return arg   # an earlier call is running: wait for it, in order
+        try:
+            reply = m.now(arg)
+        except Exception as e:
+            self._send(sm, seq, str(e) or type(e).__name__, EMPTY, {})
+            return None
+        if isinstance(reply, Wait):
+            if not m.ordered:
+                reply.release and reply.release()
+                self._send(sm, seq, f"rpc: {sm} may not wait unordered", EMPTY, {})
+                return None
+            if self._fileno is None:
+                return reply
+            with self._turn:   # parked, it holds its method's turn like a running call
+                tk = self._tickets.setdefault(sm, [0, 0])
+                ticket = tk[0]
+                tk[0] += 1
+            self._parked.append((reply, m, sm, seq, ticket))
+            return None
+        if isinstance(reply, Later):
+            return reply
+        self._send(sm, seq, "", m.reply_type, reply)
+        return None
+
+    def _pump(self) -> None:
+        """Serve parked calls until a request is readable (or buffered) on the connection."""
+        import select
+
+        conn_fd = self._fileno
+        while self._parked:
+            if self._reader.buffered() or self._pending():
+                return
+            p = select.poll()
+            p.register(conn_fd, select.POLLIN)
+            for w, *_ in self._parked:
+                for fd in w.fds:
+                    p.register(fd, select.POLLIN)
+            fired = {fd for fd, _ in p.poll()}
+            for entry in [e for e in self._parked if not fired.isdisjoint(e[0].fds)]:
+                self._parked.remove(entry)
+                self._resume(*entry)
+            if conn_fd in fired:
+                return
+
+    def _resume(self, w: "Wait", m: Method, sm: str, seq: int, ticket: int) -> None:
+        try:
+            reply = w.ready()
+        except Exception as e:
+            self._send(sm, seq, str(e) or type(e).__name__, EMPTY, {})
+        else:
+            if isinstance(reply, Wait):
+                self._parked.append((reply, m, sm, seq, ticket))
+                return
+            self._send(sm, seq, "", m.reply_type, reply)
+        self._done_turn(sm, ticket)
+
     def _spawn(self, m: Method, sm: str, seq: int, arg: Any) -> None:
         ticket = -1
         if m.ordered:
@@ -258,6 +381,8 @@ class RPCServer:
         dec = self._dec
         try:
             while True:
+                if self._parked:
+                    self._pump()
                 try:
                     hdr = dec.decode(RPC_REQUEST)
                 except EOFError:
@@ -276,6 +401,10 @@ class RPCServer:
                     # the message was read whole: say why, keep serving (as Go does)
                     self._send(sm, seq, str(e), EMPTY, {})
                     continue
+                if m.now is not None:
+                    arg = self._try_now(m, sm, seq, arg)
+                    if arg is None:
+                        continue
                 self._slots.acquire()  # bounded in-flight calls: stop reading until one ends
                 self._spawn(m, sm, seq, arg)
         except EOFError:
@@ -292,6 +421,13 @@ class RPCServer:
             except Exception:
                 log.exception("rpc: on_close callback failed")
         self._on_close = []
+        for w, *_ in self._parked:
+            if w.release is not None:
+                try:
+                    w.release()
+                except Exception:
+                    log.exception("rpc: releasing a parked call failed")
+        self._parked = []
         with self._tlock:
             threads = list(self._threads)
             for _ in threads:   # one stop mark per worker: idle ones leave now, busy ones after their call
@@ -309,16 +445,26 @@ class RPCServer:
 class _Call:
     """One call in flight (what RPCClient.go returns): wait() gives its reply or raises."""
 
-    __slots__ = ("method", "reply_type", "event", "reply", "error", "_client", "_seq")
+    __slots__ = ("method", "reply_type", "event", "reply", "error", "callback", "_client", "_seq")
 
-    def __init__(self, method: str, reply_type: GobType):
+    def __init__(self, method: str, reply_type: GobType, callback: Optional[Callable[["_Call"], Any]] = None):
         self.method = method
         self.reply_type = reply_type
         self.event = threading.Event()
         self.reply: Any = None
         self.error: Optional[BaseException] = None
+        self.callback = callback
         self._client: Optional["RPCClient"] = None
         self._seq = -1
+
+    def _done(self) -> None:
+        self.event.set()
+        cb = self.callback
+        if cb is not None:
+            try:
+                cb(self)
+            except Exception:   # a callback's bug must not kill the reader (or other calls)
+                log.exception("rpc %s: reply callback failed", self.method)
 
     def wait(self, timeout: Optional[float] = None) -> Any:
         if not self.event.wait(timeout):
@@ -357,10 +503,16 @@ class RPCClient:
              timeout: Optional[float] = None) -> Any:
         return self.go(method, arg_type, arg, reply_type).wait(timeout)
 
-    def go(self, method: str, arg_type: GobType, arg: Any, reply_type: GobType) -> _Call:
+    def go(self, method: str, arg_type: GobType, arg: Any, reply_type: GobType,
+           callback: Optional[Callable[[_Call], Any]] = None) -> _Call:
         """Send the call now, wait for its reply later (`.wait(timeout)`), as Go's Client.Go:
-        lets a caller keep a call outstanding while it does something else."""
-        c = _Call(method, reply_type)
+        lets a caller keep a call outstanding while it does something else.
+
+        callback(call), if given, runs on the reader thread once the reply (or error) is in,
+        before later replies are read: no thread hand-off, and replies are seen in order. It
+        must not block for long; it may issue further calls. When the call cannot even be
+        sent, go() raises and the callback never runs."""
+        c = _Call(method, reply_type, callback)
         c._client = self
         with self._wlock:
             with self._lock:
@@ -391,7 +543,7 @@ class RPCClient:
             pending, self._pending = self._pending, {}
         for c in pending.values():
             c.error = RPCClosedError(f"rpc: {reason}")
-            c.event.set()
+            c._done()
 
     def _read_loop(self) -> None:
         dec = self._dec
@@ -403,20 +555,20 @@ class RPCClient:
                 with self._lock:
                     c = self._pending.pop(seq, None)
                 if c is None or err:
+                    dec.skip()   # late reply to a timed-out call, or struct{} with an error
                     if c is not None:
                         c.error = RPCError(err)
-                        c.event.set()
-                    dec.skip()   # late reply to a timed-out call, or struct{} with an error
+                        c._done()
                     continue
                 try:
                     c.reply = dec.decode(c.reply_type)
                 except ProtocolError as e:
                     if dec.broken:
                         c.error = e
-                        c.event.set()
+                        c._done()
                         raise
                     c.error = ProtocolError(f"rpc: reading body {e}")
-                c.event.set()
+                c._done()
         except EOFError:
             pass
         except (ProtocolError, OSError) as e:

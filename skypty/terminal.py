@@ -1,9 +1,9 @@
 """The interactive loop of `cli pty shell` / `cli pty start`: our terminal <-> a remote pty.
 
-Threads: the main thread reads stdin (raw mode when it is a tty) and sends `Write`s; one reader
-thread keeps exactly one `Read` outstanding (more would reorder output) and writes to stdout;
-one pinger sends `Ping` every 30 s (keeps a dmsg stream's idle deadline away). Signal handlers
-only poke a self-pipe, so no RPC is ever issued from inside a handler.
+Threads: the main thread reads stdin (raw mode when it is a tty) and sends `Write`s; the rpc
+client's reader thread keeps exactly one `Read` outstanding (more would reorder output) and
+writes to stdout; one pinger sends `Ping` every 30 s (keeps a dmsg stream's idle deadline
+away). Signal handlers only poke a self-pipe, so no RPC is ever issued from inside a handler.
 
 Unlike upstream we send the window size with `Start`, so the remote pty has the right size
 before the user's first resize. `~.` after a newline (or at the start) disconnects; `~~` sends
@@ -97,10 +97,85 @@ class _SignalExit(Exception):
     pass
 
 
+class _Writer:
+    """Our input to the remote pty with at most one Write in flight; what is typed meanwhile
+    goes out as the next Write. Writes never overtake each other (a Go host runs calls
+    concurrently) and what we have in flight stays bounded (see run_interactive)."""
+
+    def __init__(self, client, on_error, on_room) -> None:
+        self._client = client
+        self._on_error = on_error
+        self._on_room = on_room
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._busy = False
+        self._want_room = False
+        self.error: Optional[BaseException] = None
+
+    def has_room(self) -> bool:
+        """False while a full batch waits: stop reading input until on_room() is called."""
+        with self._lock:
+            self._want_room = len(self._buf) >= limits.CLIENT_READ_SIZE
+            return not self._want_room
+
+    def send(self, data: bytes) -> bool:
+        """Queue data; False once a Write failed (on_error was called)."""
+        with self._lock:
+            if self.error is not None:
+                return False
+            self._buf += data
+            if self._busy:
+                return True
+            chunk = self._take()
+        self._go(chunk)
+        return self.error is None
+
+    def _take(self) -> bytes:   # holds _lock
+        chunk = bytes(self._buf[:limits.CLIENT_READ_SIZE])
+        del self._buf[:len(chunk)]
+        self._busy = True
+        return chunk
+
+    def _go(self, chunk: bytes) -> None:
+        try:
+            self._client.write_then(chunk, self._done)
+        except Exception as e:
+            self._fail(e)
+
+    def _done(self, err: Optional[BaseException]) -> None:   # on the rpc reader thread
+        if err is not None:
+            self._fail(err)
+            return
+        with self._lock:
+            chunk = self._take() if self._buf else None   # leaves < one batch waiting
+            self._busy = chunk is not None
+            room, self._want_room = self._want_room, False
+        if chunk is not None:
+            self._go(chunk)
+        if room:
+            self._on_room()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._lock:
+            first = self.error is None
+            if first:
+                self.error = err
+            self._busy = False
+        if first:
+            self._on_error(err)
+
+
 def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[Sequence[str]] = None,
                     stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     """Run `name args` in a remote pty wired to our terminal. 0 when the remote program ended
-    (or `~.`); raises SkyptyError (exit 1) when the connection broke."""
+    (or `~.`); raises SkyptyError (exit 1) when the connection broke.
+
+    The echo of a keystroke is the latency that matters, so nothing on its path changes
+    thread: the main thread sends the Write, and the Read reply is handled on the rpc reader
+    thread itself, which issues the next Read and then writes the output to stdout. That
+    thread sends, so it must never wait on a peer that waits on us: it cannot, because we
+    never have more in flight than one Write (<= CLIENT_READ_SIZE), one Read, one Ping and
+    one SetPtySize, which the socket buffers always hold."""
     is_tty = os.isatty(stdin_fd)
     size = terminal_size((stdin_fd, stdout_fd))
     client.start(name, list(args), size=size, env=list(env) if env is not None else interactive_env())
@@ -108,6 +183,7 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     done = threading.Event()
+    reader_done = threading.Event()
     outcome = {"code": None, "error": None}
 
     def poke(tag: bytes) -> None:
@@ -116,19 +192,28 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
         except OSError:
             pass   # pipe full: a wake-up is already pending
 
-    def reader() -> None:
-        try:
-            while not done.is_set():
-                data = client.read(limits.CLIENT_READ_SIZE)
-                if data:
+    def on_read(data: bytes, err: Optional[BaseException]) -> None:   # rpc reader thread
+        if err is None:
+            try:
+                if data:   # before the next Read: sending it wakes the host, which costs us the CPU
                     _write_fd(stdout_fd, data)
-        except EOFError:
+                client.read_then(on_read)
+                return
+            except Exception as e:
+                err = e
+        if isinstance(err, EOFError):
             if outcome["code"] is None and not done.is_set():   # not the echo of our own Stop
                 outcome["code"] = 0
-        except Exception as e:  # the link broke (or stdout went away)
-            if not done.is_set():
-                outcome["error"] = _describe(e)
+        elif not done.is_set():   # the link broke (or stdout went away)
+            outcome["error"] = _describe(err)
+        reader_done.set()
         poke(b"E")
+
+    def on_write_error(err: BaseException) -> None:
+        outcome["write_error"] = _describe(err)
+        poke(b"X")
+
+    writer = _Writer(client, on_write_error, lambda: poke(b"R"))
 
     def pinger() -> None:
         while not done.wait(limits.PING_INTERVAL):
@@ -146,7 +231,6 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
     def on_exit_signal(signum, frame) -> None:
         raise _SignalExit(signum)
 
-    rt = threading.Thread(target=reader, name="pty-read", daemon=True)
     pt = threading.Thread(target=pinger, name="pty-ping", daemon=True)
     try:
         if threading.current_thread() is threading.main_thread():
@@ -159,12 +243,15 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
 
             saved_attrs = termios.tcgetattr(stdin_fd)
             tty.setraw(stdin_fd, termios.TCSANOW)
-        rt.start()
+        try:
+            client.read_then(on_read)
+        except Exception as e:
+            on_read(b"", e)
         pt.start()
-        if not _pump_stdin(client, stdin_fd, wake_r, size, outcome):
+        if not _pump_stdin(client, writer, stdin_fd, wake_r, size, outcome):
             # The input side gave up (a Write failed): the reader knows whether the remote
             # program ended (exit 0) or the link broke, so let it have the last word.
-            rt.join(5.0)
+            reader_done.wait(5.0)
     except _SignalExit:
         outcome["code"] = outcome["code"] if outcome["code"] is not None else 1
     finally:
@@ -178,8 +265,8 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
             termios.tcsetattr(stdin_fd, termios.TCSAFLUSH, saved_attrs)
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        client.close()   # unblocks the outstanding Read
-        rt.join(2.0)
+        client.close()   # fails the outstanding Read
+        reader_done.wait(2.0)
         os.close(wake_r)
         os.close(wake_w)
     if outcome["code"] is None:
@@ -198,12 +285,12 @@ def _describe(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _pump_stdin(client, stdin_fd: int, wake_fd: int, size, outcome: dict) -> bool:
+def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outcome: dict) -> bool:
     """Forward input until the reader finished or `~.` (True), or a call failed (False)."""
     esc = EscapeFilter()
     stdin_open = True
     while True:
-        fds = [wake_fd, stdin_fd] if stdin_open else [wake_fd]
+        fds = [wake_fd, stdin_fd] if stdin_open and writer.has_room() else [wake_fd]
         try:
             ready, _, _ = select.select(fds, [], [])
         except InterruptedError:
@@ -212,13 +299,16 @@ def _pump_stdin(client, stdin_fd: int, wake_fd: int, size, outcome: dict) -> boo
             tags = os.read(wake_fd, 64)
             if b"E" in tags:
                 return True
+            if b"X" in tags:
+                return False
             if b"W" in tags:
                 new = terminal_size((stdin_fd, 1))
                 if new and new != size:
                     size = new
                     if not _guard(client.set_size, new[0], new[1], outcome=outcome):
                         return False
-        if stdin_open and stdin_fd in ready:
+            continue   # the input side may have room again: ask has_room() afresh
+        if stdin_fd in ready:
             try:
                 data = os.read(stdin_fd, limits.CLIENT_READ_SIZE)
             except OSError as e:
@@ -228,11 +318,11 @@ def _pump_stdin(client, stdin_fd: int, wake_fd: int, size, outcome: dict) -> boo
             if not data:
                 # Not a terminal and our input ended: send ^D, the remote line discipline's EOF.
                 stdin_open = False
-                if not _guard(client.write, b"\x04", outcome=outcome):
+                if not writer.send(b"\x04"):
                     return False
                 continue
             send, disconnect = esc.feed(data)
-            if send and not _guard(client.write, send, outcome=outcome):
+            if send and not writer.send(send):
                 return False
             if disconnect:
                 _write_fd(1, b"\r\n[disconnected]\r\n")

@@ -303,8 +303,10 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
 def _readable(fds: List[int]) -> bool:
     import select
 
-    r, _, _ = select.select(fds, [], [], 0)
-    return bool(r)
+    p = select.poll()   # not select(): a busy host's fds pass 1024
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _drain_nonblocking(fd: int, cb: Callable[[bytes], None]) -> None:

@@ -3,6 +3,11 @@
 `PtyGateway` holds the state of one connection; `pty_service(peer)` wraps a fresh gateway as
 net/rpc methods, and `pty_factory` is the `mux.add_rpc` factory (connection end = Stop).
 Read blocks in poll() without any lock, so Write/SetPtySize/Ping/Exec run beside it.
+
+The master is non-blocking. Write and Read run on the connection's own thread (`write_now`,
+`read_now`): a Read with no output yet is parked as an rpc.Wait that the thread polls beside
+the connection, so a keystroke and its echo cost no thread hand-off. A Write the pty cannot
+take at once finishes on a worker, waiting in poll() beside the stop pipe, so Stop ends it.
 """
 from __future__ import annotations
 
@@ -139,69 +144,109 @@ class PtyGateway:
         return {}
 
     def read(self, n: int) -> bytes:
+        """Block until the pty has output (a worker's Read)."""
+        w = self.read_now(n)
+        from skypty.rpc import Wait
+
+        return w.block() if isinstance(w, Wait) else w
+
+    def read_now(self, n: int):
+        """The output already there, or an rpc.Wait on the master (and the stop pipe) that
+        the connection's thread polls: no thread sits in a blocked Read."""
         n = int(n)
         if n <= 0:
             raise PtyError(f"invalid read size: {n}")
         n = min(n, limits.PTY_READ_MAX)
         proc, fd = self._use()
         try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            poller.register(proc.wake_r, select.POLLIN)
-            while True:
-                events = dict(poller.poll())
-                if proc.wake_r in events:
-                    raise PtyError(ERR_EOF)
-                if fd in events:
-                    try:
-                        data = os.read(fd, n)
-                    except OSError as e:
-                        if e.errno in (errno.EAGAIN, errno.EINTR):
-                            continue
-                        if e.errno == errno.EIO:
-                            # not reaped here: the unreaped leader keeps its pid (= the session
-                            # and group id Stop kills) from being reused by another process
-                            raise PtyError(ERR_EIO) from None
-                        raise PtyError(f"read /dev/ptmx: {_strerror(e)}") from None
-                    if not data:
-                        raise PtyError(ERR_EOF)
-                    return self._more(fd, data, n)
-        finally:
+            data = self._try_read(proc, fd, n)
+        except BaseException:
             proc.release()
+            raise
+        if data is not None:
+            proc.release()
+            return data
+        from skypty.rpc import Wait
+
+        def ready():
+            try:
+                got = self._try_read(proc, fd, n)
+            except BaseException:
+                proc.release()
+                raise
+            if got is None:
+                return wait
+            proc.release()
+            return got
+
+        wait = Wait((fd, proc.wake_r), ready, proc.release)
+        return wait
 
     @staticmethod
-    def _more(fd: int, first: bytes, n: int) -> bytes:
-        """Coalesce what is already readable (a pty hands out ~4 KiB a read): fewer round
-        trips for bulk output, no added latency. An error here is left for the next Read."""
-        if len(first) >= n:
-            return first
-        parts = [first]
-        got = len(first)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while got < n and poller.poll(0):
+    def _try_read(proc: "_PtyProc", fd: int, n: int) -> Optional[bytes]:
+        """Up to n bytes of output, None if there is none yet; raises once the pty ended."""
+        if proc.closed:
+            raise PtyError(ERR_EOF)
+        parts = []
+        got = 0
+        # a pty hands out ~4 KiB a read: take all that is there (fewer round trips, no waiting)
+        while got < n:
             try:
                 chunk = os.read(fd, n - got)
-            except OSError:
+            except (BlockingIOError, InterruptedError):
                 break
+            except OSError as e:
+                if parts:
+                    break   # deliver what we have; the next Read reports the error
+                if e.errno == errno.EIO:
+                    # not reaped here: the unreaped leader keeps its pid (= the session and
+                    # group id Stop kills) from being reused by another process
+                    raise PtyError(ERR_EIO) from None
+                raise PtyError(f"read /dev/ptmx: {_strerror(e)}") from None
             if not chunk:
-                break
+                if parts:
+                    break
+                raise PtyError(ERR_EOF)
             parts.append(chunk)
             got += len(chunk)
-        return b"".join(parts)
+        return b"".join(parts) if parts else None
 
     def write(self, data: bytes) -> int:
+        return self._write(bytes(data or b""), wait=True)
+
+    def write_now(self, data: bytes):
+        """Write what the pty takes at once; the rest (if any) as an rpc.Later."""
+        data = bytes(data or b"")
+        done = self._write(data, wait=False)
+        if done == len(data):
+            return done
+        from skypty.rpc import Later
+        rest = data[done:]
+        return Later(lambda: done + self._write(rest, wait=True))
+
+    def _write(self, data: bytes, wait: bool) -> int:
         proc, fd = self._use()
         try:
-            view = memoryview(bytes(data or b""))
+            view = memoryview(data)
             total = 0
+            poller = None
             while total < len(view):
                 try:
                     total += os.write(fd, view[total:])
+                    continue
                 except InterruptedError:
                     continue
+                except BlockingIOError:
+                    if not wait:
+                        return total
                 except OSError as e:
                     raise PtyError(f"write /dev/ptmx: {_strerror(e)}") from None
+                if poller is None:   # the child is not reading its input: wait for room or Stop
+                    poller = select.poll()
+                    poller.register(fd, select.POLLOUT)
+                    poller.register(proc.wake_r, select.POLLIN)
+                if any(f == proc.wake_r for f, _ in poller.poll()):
+                    raise PtyError(ERR_EOF)
             return total
         finally:
             proc.release()
@@ -336,6 +381,7 @@ class PtyGateway:
                     finally:
                         os._exit(code)
                 os.set_inheritable(master, False)
+            os.set_blocking(master, False)
             os.close(err_w)
             err_w = -1
             failed = _read_all(err_r)
@@ -399,8 +445,9 @@ def pty_methods(gw: PtyGateway) -> list:
     M = rpc.Method
     return [
         M("Start", gobtypes.CommandReq, gob.EMPTY, gw.start),
-        M("Read", gob.INT, gob.BYTES, gw.read, ordered=True),
-        M("Write", gob.BYTES, gob.INT, gw.write, ordered=True),  # pipelined keystrokes keep their order
+        M("Read", gob.INT, gob.BYTES, gw.read, ordered=True, now=gw.read_now),
+        # pipelined keystrokes keep their order
+        M("Write", gob.BYTES, gob.INT, gw.write, ordered=True, now=gw.write_now),
         M("SetPtySize", gobtypes.WinSize, gob.EMPTY, gw.set_pty_size),
         M("Stop", gob.EMPTY, gob.EMPTY, gw.stop),
         M("Ping", gob.EMPTY, gob.EMPTY, gw.ping),
