@@ -5,7 +5,7 @@ Starts a throwaway `skypty cli pty host` and (when run as root with sshd/ssh ins
 throwaway sshd on loopback ports with temporary keys, measures both the same way, prints a
 table and stops everything it started. A peer that is not installed is skipped (said so).
 
-    python bench/bench_ssh.py [--runs 15] [--mib 256] [--echo 200] [--conc 50]
+    python bench/bench_ssh.py [--runs 15] [--mib 256] [--echo 1000] [--conc 50]
 
 Targets (from the issue): connect+exec `true` median <= 0.3x ssh; 256 MiB streamed download
 >= 1.0x ssh throughput. Numbers only: nothing here asserts.
@@ -170,37 +170,75 @@ def download(peer: Peer, mib: int, runs: int = 3) -> float:
     return statistics.median(rates)
 
 
-def echo_latency(peer: Peer, n: int) -> "tuple[float, float]":
-    """p50/p99 ms of one byte typed into a remote `cat` in raw mode until it comes back."""
-    import pexpect
+class _EchoSession:
+    """An interactive session of one peer running `cat` in raw mode, ready for keystrokes."""
 
-    child = pexpect.spawn(peer.shell_cmd()[0], peer.shell_cmd()[1:], dimensions=(24, 80),
-                          env=dict(os.environ, TERM="xterm"))
-    try:
-        child.sendline('stty raw -echo; echo RE""ADY; exec cat')
-        child.expect("READY", timeout=20)
+    def __init__(self, peer: Peer) -> None:
+        import pexpect
+
+        self.child = pexpect.spawn(peer.shell_cmd()[0], peer.shell_cmd()[1:], dimensions=(24, 80),
+                                   env=dict(os.environ, TERM="xterm"))
+        self.child.sendline('stty raw -echo; echo RE""ADY; exec cat')
+        self.child.expect("READY", timeout=20)
         time.sleep(0.3)
         try:
-            child.read_nonblocking(65536, timeout=0.2)
+            self.child.read_nonblocking(65536, timeout=0.2)
         except pexpect.TIMEOUT:
             pass
-        fd = child.child_fd
-        lat = []
+        self.lat: List[float] = []
+
+    def one(self, ch: bytes) -> None:
+        """Type one byte, time until it comes back."""
+        fd = self.child.child_fd
+        t0 = time.perf_counter()
+        os.write(fd, ch)
+        got = b""
+        while ch not in got:
+            r, _, _ = select.select([fd], [], [], 10)
+            if not r:
+                raise RuntimeError("echo did not come back within 10 s")
+            got += os.read(fd, 4096)
+        self.lat.append((time.perf_counter() - t0) * 1000)
+
+    def p50_p99(self) -> "tuple[float, float]":
+        lat = sorted(self.lat)
+        return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+
+    def close(self) -> None:
+        self.child.close(force=True)
+
+
+def echo_latency_pair(peers: List[Peer], n: int) -> "List[Optional[tuple[float, float]]]":
+    """p50/p99 ms of one byte typed into a remote `cat` in raw mode until it comes back.
+
+    The peers take turns keystroke by keystroke, so a burst of noise on the machine lands on
+    both alike instead of on whichever happened to run second. A peer whose session fails
+    gets None (said on stderr); the others are still measured."""
+    sessions: List[Optional[_EchoSession]] = []
+    try:
+        for p in peers:
+            try:
+                sessions.append(_EchoSession(p))
+            except Exception as e:
+                sys.stderr.write(f"bench: {p.name} echo latency: {e}\n")
+                sessions.append(None)
+        for _ in range(20):   # warm-up, not counted
+            for s in sessions:
+                if s is not None:
+                    s.one(b"w")
+        for s in sessions:
+            if s is not None:
+                s.lat.clear()
         for i in range(n):
             ch = b"abcdefghij"[i % 10:i % 10 + 1]
-            t0 = time.perf_counter()
-            os.write(fd, ch)
-            got = b""
-            while ch not in got:
-                r, _, _ = select.select([fd], [], [], 10)
-                if not r:
-                    raise RuntimeError("echo did not come back within 10 s")
-                got += os.read(fd, 4096)
-            lat.append((time.perf_counter() - t0) * 1000)
-        lat.sort()
-        return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            for s in sessions:
+                if s is not None:
+                    s.one(ch)
+        return [s.p50_p99() if s is not None else None for s in sessions]
     finally:
-        child.close(force=True)
+        for s in sessions:
+            if s is not None:
+                s.close()
 
 
 def concurrent(peer: Peer, n: int) -> float:
@@ -265,7 +303,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=15, help="connect+exec repetitions (median)")
     ap.add_argument("--mib", type=int, default=256, help="download size in MiB")
-    ap.add_argument("--echo", type=int, default=200, help="echo latency samples")
+    ap.add_argument("--echo", type=int, default=1000, help="echo latency samples per peer (taken in turns)")
     ap.add_argument("--conc", type=int, default=50, help="concurrent execs")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     opts = ap.parse_args(argv)
@@ -298,7 +336,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                          inproc and inproc * 1000, o and o * 1000, "<= 0.3x ssh"))
         s, o = both(download, opts.mib)
         rows.append(_row(f"streamed {opts.mib} MiB download (median of 3)", "MiB/s", s, o, ">= 1.0x ssh", True))
-        lat_s, lat_o = both(echo_latency, opts.echo)
+        lat = _try(lambda: echo_latency_pair([sky] + ([ssh] if ssh else []), opts.echo), "echo latency") or [None]
+        lat_s, lat_o = lat[0], (lat[1] if len(lat) > 1 else None)
         rows.append(_row("echo latency p50 (interactive pty)", "ms", lat_s and lat_s[0], lat_o and lat_o[0], "-"))
         rows.append(_row("echo latency p99 (interactive pty)", "ms", lat_s and lat_s[1], lat_o and lat_o[1], "-"))
         s, o = both(concurrent, opts.conc)

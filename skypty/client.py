@@ -41,9 +41,15 @@ _ENDED_SUBSTRINGS = ("input/output error", "file already closed")
 _NO_METHOD = ("rpc: can't find method", "rpc: can't find service")
 
 
+_GOB: Optional[tuple] = None
+
+
 def _gob():
-    from . import gob, gobtypes
-    return gob, gobtypes
+    global _GOB
+    if _GOB is None:   # imported on first use, then cached: every keystroke asks
+        from . import gob, gobtypes
+        _GOB = (gob, gobtypes)
+    return _GOB
 
 
 def _is_ended_error(text: str) -> bool:
@@ -54,10 +60,11 @@ class PtyClient:
     """Client of the `pty` service on an accepted connection (thread-safe; calls may overlap)."""
 
     def __init__(self, conn) -> None:
-        from .rpc import RPCClient
+        from .rpc import RPCClient, RPCError
 
         self.conn = conn
         self._rpc = RPCClient(conn)
+        self._rpc_error = RPCError
         self._started = False
         self._ended = False
         self._closed = False
@@ -118,13 +125,12 @@ class PtyClient:
                   n: int = limits.CLIENT_READ_SIZE) -> None:
         """Issue a Read; fn(data, None) with its output, or fn(b"", err) where err is an
         EOFError once the remote program ended. Raises if the call cannot be sent."""
-        from .rpc import RPCError
-
         gob, _ = _gob()
+        rpc_error = self._rpc_error
 
         def done(call) -> None:
             err = call.error
-            if isinstance(err, RPCError) and _is_ended_error(str(err)):
+            if isinstance(err, rpc_error) and _is_ended_error(str(err)):
                 self._ended = True
                 err = EOFError(str(err))
             fn(b"" if err is not None else bytes(call.reply or b""), err)

@@ -495,6 +495,8 @@ class Encoder:
         self._sent: set = set()
         self._new_ids: List[GobType] = []
         self._new_sent: List[GobType] = []
+        # per type already defined on this stream: (value prefix, value encoder, is pointer)
+        self._ready: Dict[GobType, Tuple[bytes, _Enc, bool]] = {}
 
     # id allocation -------------------------------------------------------------------
     def type_id(self, t: GobType) -> int:
@@ -566,6 +568,36 @@ class Encoder:
     def encode_many(self, items: Sequence[Tuple[GobType, Any]]) -> bytes:
         """Encode several values (with any definitions they need) into one byte string.
         All or nothing: if a value cannot be encoded, the encoder's state is unchanged."""
+        # Every rpc message after the first few uses types already on the wire: no ids to
+        # allocate, no definitions, so the value's bytes are all there is to make.
+        ready = self._ready
+        out: List[bytes] = []
+        for t, value in items:
+            r = ready.get(t)
+            if r is None:
+                return self._encode_many(items)
+            prefix, enc, is_ptr = r
+            if is_ptr and value is None:
+                raise ValueError("gob: cannot encode nil pointer at top level")
+            body = [prefix]
+            enc(value, body)
+            data = b"".join(body)
+            out.append(_enc_uint(len(data)))
+            out.append(data)
+        return b"".join(out)
+
+    def _encode_many(self, items: Sequence[Tuple[GobType, Any]]) -> bytes:
+        data = self._encode_defining(items)
+        for t, _ in items:   # from now on these need no definitions
+            if t not in self._ready:
+                b = _base(t)
+                prefix = _enc_int(self._ids[b] if not isinstance(b, Basic) else b.wire_id)
+                if not isinstance(b, Struct):
+                    prefix += b"\x00"
+                self._ready[t] = (prefix, _value_encoder(b), isinstance(t, Ptr))
+        return data
+
+    def _encode_defining(self, items: Sequence[Tuple[GobType, Any]]) -> bytes:
         self._new_ids, self._new_sent = [], []
         next_before = self._next
         try:
@@ -730,6 +762,8 @@ class Decoder:
         self._wire: Dict[int, _Wire] = {}
         self._def_bytes = 0
         self._plans: Dict[Tuple[int, Optional[GobType]], _Dec] = {}
+        # (wire id, expected type) -> (singleton?, plan), once a value decoded that way
+        self._fast: Dict[Tuple[int, Optional[GobType]], Tuple[bool, _Dec]] = {}
         self.broken = False
 
     # framing --------------------------------------------------------------------------
@@ -790,6 +824,20 @@ class Decoder:
         self._wire[tid] = _parse_wiretype(buf, pos)
 
     def _value(self, tid: int, buf: bytes, pos: int, t: Optional[GobType]) -> Any:
+        fast = self._fast.get((tid, t))
+        if fast is not None:   # seen before: every check below already passed once
+            singleton, fn = fast
+            if singleton:
+                if buf[pos:pos + 1] != b"\x00":
+                    raise ProtocolError("gob: corrupted data: non-zero delta for singleton")
+                pos += 1
+            try:
+                val, pos = fn(buf, pos, 0)
+            except RecursionError:
+                raise ProtocolError("gob: value nested too deeply") from None
+            if pos != len(buf):
+                raise ProtocolError("gob: extra data after value")
+            return val
         try:
             if tid not in _BUILTIN_KIND and tid not in self._wire:
                 raise ProtocolError(f"gob: unknown type id {tid}")
@@ -804,6 +852,7 @@ class Decoder:
             raise ProtocolError("gob: value nested too deeply") from None
         if pos != len(buf):
             raise ProtocolError("gob: extra data after value")
+        self._fast[(tid, t)] = (w is None or w.kind != "struct", fn)
         return val
 
     # plans: (wire id, expected type) -> decode function ---------------------------------

@@ -106,6 +106,7 @@ GOB_MAX_TYPES = 1024                   # type definitions one decoder accepts fr
 # net/rpc (ours): calls a connection may have in flight before the server stops reading
 RPC_MAX_INFLIGHT = 64
 RPC_DRAIN_TIMEOUT = 330.0              # at connection end, wait this long for running calls
+RPC_SLOT_POLL_MS = 20                  # all slots busy and a call parked: re-check a slot this often
 
 # SFTP subsystem and fs mount (ours: upstream sets none)
 SFTP_MAX_PACKET = 4 * 1024 * 1024      # one SFTP packet from the peer (either side); larger ends the session

@@ -11,6 +11,7 @@ idle for hours); RPCClient.call(timeout=…) bounds each call instead.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
@@ -62,7 +63,13 @@ class Wait:
     `ready()` once one is readable: it returns the reply, raises, or returns a Wait again
     (nothing there after all). A connection without a fileno() hands the call to a worker,
     which does the same polling. `release()` runs if the connection ends first. Only an
-    ordered method may wait this way, so at most one call per method is parked."""
+    ordered method may wait this way, so at most one call per method is parked. The fds
+    should include one that fires when the call must end (the pty's stop pipe, which the
+    connection's end triggers): on a worker nothing else ends the wait.
+
+    A Wait is used once: when its call is over the server drops ready/release, which may
+    well refer back to the Wait (a cycle only the garbage collector would otherwise free,
+    one per keystroke)."""
 
     __slots__ = ("fds", "ready", "release")
 
@@ -70,17 +77,25 @@ class Wait:
                  release: Optional[Callable[[], Any]] = None):
         self.fds, self.ready, self.release = tuple(fds), ready, release
 
+    def _drop(self) -> None:
+        self.ready = self.release = None   # type: ignore[assignment]
+
     def block(self) -> Any:
         """ready()'s final reply, polling on this thread."""
-        import select
-
         w: Any = self
         while isinstance(w, Wait):
             p = select.poll()
             for fd in w.fds:
                 p.register(fd, select.POLLIN)
             p.poll()
-            w = w.ready()
+            try:
+                nxt = w.ready()
+            except BaseException:
+                w._drop()
+                raise
+            if nxt is not w:
+                w._drop()
+            w = nxt
         return w
 
 
@@ -110,33 +125,45 @@ class Method:
 
 class BufferedReader:
     """read_exact(n) over conn.recv with a read-ahead buffer (few recv calls per message).
-    Returns fewer than n bytes only at end of stream."""
+    Returns fewer than n bytes only at end of stream.
+
+    The buffer is immutable bytes plus an offset: a message already buffered costs one
+    slice, the common case for small rpc messages (a gob message is read in two pieces)."""
 
     def __init__(self, conn: Any, bufsize: int = 65536):
         self._conn = conn
-        self._buf = bytearray()
+        self._buf = b""
+        self._pos = 0
         self._bufsize = bufsize
         self._eof = False
 
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def read_exact(self, n: int) -> bytes:
-        buf = self._buf
-        while len(buf) < n and not self._eof:
+        buf, pos = self._buf, self._pos
+        end = pos + n
+        if end <= len(buf):
+            self._pos = end
+            return buf[pos:end]
+        parts = [buf[pos:]]
+        got = len(buf) - pos
+        self._buf, self._pos = b"", 0
+        while got < n and not self._eof:
             # large messages are read in big chunks, but never more than the message needs + a bit
-            chunk = self._conn.recv(max(self._bufsize, min(n - len(buf), 4 << 20)))
+            chunk = self._conn.recv(max(self._bufsize, min(n - got, 4 << 20)))
             if not chunk:
                 self._eof = True
                 break
-            buf += chunk
-        if n >= len(buf):
-            out = bytes(buf)
-            buf.clear()
-        else:
-            out = bytes(memoryview(buf)[:n])
-            del buf[:n]
-        return out
+            need = n - got
+            if len(chunk) > need:   # keep the rest for the next message
+                parts.append(chunk[:need])
+                self._buf, self._pos = bytes(chunk), need
+                got = n
+            else:
+                parts.append(chunk)
+                got += len(chunk)
+        return b"".join(parts)
 
 
 def _no_timeout(conn: Any) -> None:
@@ -292,10 +319,11 @@ class RPCServer:
         """Run m.now on this thread if no earlier call of m is still running. Returns what
         still has to go to a worker (a Later, a Wait, or the original arg), else None."""
         if m.ordered:
-            with self._turn:
-                tk = self._tickets.get(sm)
-                if tk is not None and tk[0] != tk[1]:
-                    return arg   # an earlier call is running: wait for it, in order
+            # No lock: only this thread moves tk[0]; a worker that just moved tk[1] makes
+            # us see "busy" a moment too long, which only sends this call to a worker.
+            tk = self._tickets.get(sm)
+            if tk is not None and tk[0] != tk[1]:
+                return arg   # an earlier call is running: wait for it, in order
         try:
             reply = m.now(arg)
         except Exception as e:
@@ -304,6 +332,7 @@ class RPCServer:
         if isinstance(reply, Wait):
             if not m.ordered:
                 reply.release and reply.release()
+                reply._drop()
                 self._send(sm, seq, f"rpc: {sm} may not wait unordered", EMPTY, {})
                 return None
             if self._fileno is None:
@@ -319,35 +348,46 @@ class RPCServer:
         self._send(sm, seq, "", m.reply_type, reply)
         return None
 
-    def _pump(self) -> None:
-        """Serve parked calls until a request is readable (or buffered) on the connection."""
-        import select
-
-        conn_fd = self._fileno
+    def _pump(self, timeout: Optional[float] = None) -> None:
+        """Serve parked calls until a request is readable (or buffered) on the connection.
+        With a timeout (ms): one round that ignores the connection (see _take_slot)."""
+        conn_fd = self._fileno if timeout is None else -1
         while self._parked:
-            if self._reader.buffered() or self._pending():
+            if timeout is None and (self._reader.buffered() or self._pending()):
                 return
             p = select.poll()
-            p.register(conn_fd, select.POLLIN)
+            if conn_fd >= 0:
+                p.register(conn_fd, select.POLLIN)
             for w, *_ in self._parked:
                 for fd in w.fds:
                     p.register(fd, select.POLLIN)
-            fired = {fd for fd, _ in p.poll()}
+            fired = {fd for fd, _ in p.poll(timeout)}
             for entry in [e for e in self._parked if not fired.isdisjoint(e[0].fds)]:
                 self._parked.remove(entry)
                 self._resume(*entry)
-            if conn_fd in fired:
+            if conn_fd in fired or timeout is not None:
                 return
+
+    def _take_slot(self) -> None:
+        """Bounded in-flight calls: stop reading requests until one ends. Parked calls are
+        still served meanwhile: the calls that fill the slots may be waiting for their turn
+        behind one of them, and only this thread can finish it."""
+        while not self._slots.acquire(blocking=not self._parked):
+            self._pump(timeout=limits.RPC_SLOT_POLL_MS)
 
     def _resume(self, w: "Wait", m: Method, sm: str, seq: int, ticket: int) -> None:
         try:
             reply = w.ready()
         except Exception as e:
+            w._drop()
             self._send(sm, seq, str(e) or type(e).__name__, EMPTY, {})
         else:
             if isinstance(reply, Wait):
+                if reply is not w:
+                    w._drop()
                 self._parked.append((reply, m, sm, seq, ticket))
                 return
+            w._drop()
             self._send(sm, seq, "", m.reply_type, reply)
         self._done_turn(sm, ticket)
 
@@ -405,7 +445,7 @@ class RPCServer:
                     arg = self._try_now(m, sm, seq, arg)
                     if arg is None:
                         continue
-                self._slots.acquire()  # bounded in-flight calls: stop reading until one ends
+                self._take_slot()
                 self._spawn(m, sm, seq, arg)
         except EOFError:
             log.debug("rpc: peer closed mid-call")
@@ -427,6 +467,7 @@ class RPCServer:
                     w.release()
                 except Exception:
                     log.exception("rpc: releasing a parked call failed")
+            w._drop()
         self._parked = []
         with self._tlock:
             threads = list(self._threads)
@@ -442,6 +483,22 @@ class RPCServer:
         _shutdown(self._conn)
 
 
+class _NoEvent:
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        raise RuntimeError("a call with a callback cannot be waited for")
+
+
+_NO_EVENT = _NoEvent()
+
+
 class _Call:
     """One call in flight (what RPCClient.go returns): wait() gives its reply or raises."""
 
@@ -450,7 +507,8 @@ class _Call:
     def __init__(self, method: str, reply_type: GobType, callback: Optional[Callable[["_Call"], Any]] = None):
         self.method = method
         self.reply_type = reply_type
-        self.event = threading.Event()
+        # a callback call is never waited for: no Event (a Condition and a Lock) per keystroke
+        self.event: Any = threading.Event() if callback is None else _NO_EVENT
         self.reply: Any = None
         self.error: Optional[BaseException] = None
         self.callback = callback
@@ -510,15 +568,15 @@ class RPCClient:
 
         callback(call), if given, runs on the reader thread once the reply (or error) is in,
         before later replies are read: no thread hand-off, and replies are seen in order. It
-        must not block for long; it may issue further calls. When the call cannot even be
-        sent, go() raises and the callback never runs."""
+        must not block for long; it may issue further calls. On a connection already known
+        dead go() raises and the callback never runs; if the send itself fails, the callback
+        runs with the error on the calling thread before go() returns."""
         c = _Call(method, reply_type, callback)
         c._client = self
         with self._wlock:
-            with self._lock:
-                if self._dead is not None:
-                    raise RPCClosedError(f"rpc {method}: {self._dead}")
-                seq = self._seq
+            if self._dead is not None:   # checked again under _lock below
+                raise RPCClosedError(f"rpc {method}: {self._dead}")
+            seq = self._seq   # only ever changed under _wlock
             # may raise ValueError/TypeError for a bad argument: nothing was sent then
             data = self._enc.encode_many([(RPC_REQUEST, {"ServiceMethod": method, "Seq": seq}),
                                           (arg_type, arg)])
@@ -527,13 +585,16 @@ class RPCClient:
                 # registered after _fail() emptied the table would never be woken.
                 if self._dead is not None:
                     raise RPCClosedError(f"rpc {method}: {self._dead}")
-                self._seq += 1
+                self._seq = seq + 1
                 c._seq = seq
                 self._pending[seq] = c
             try:
                 self._conn.sendall(data)
+                return c
             except (OSError, ProtocolError) as e:
-                self._fail(f"connection lost: {e}")
+                lost = e
+        # outside _wlock: the callbacks _fail runs (this one's too) may call go() themselves
+        self._fail(f"connection lost: {lost}")
         return c
 
     def _fail(self, reason: str) -> None:

@@ -819,3 +819,97 @@ def test_handshake_on_a_dead_socket_is_a_handshake_error():
         s.close()
         with pytest.raises(HandshakeError):
             run(s)
+
+
+# --- SecureConn's receive path: recv_into a reused buffer, recv() for streams without it -------
+
+class _RecvOnly:
+    """A socket seen through recv/sendall/close/settimeout/fileno only (no recv_into)."""
+
+    def __init__(self, sock):
+        self._s = sock
+        self.asked = []
+
+    def recv(self, n):
+        self.asked.append(n)
+        return self._s.recv(n)
+
+    def sendall(self, data):
+        self._s.sendall(data)
+
+    def close(self):
+        self._s.close()
+
+    def settimeout(self, t):
+        self._s.settimeout(t)
+
+    def fileno(self):
+        return self._s.fileno()
+
+
+def _conn_pair(stream_a, stream_b):
+    """Two SecureConns keyed to each other (no handshake) over the given streams."""
+    k1, k2 = os.urandom(32), os.urandom(32)
+    return (SecureConn(stream_a, SendCipher(k1), RecvCipher(k2), None, None),
+            SecureConn(stream_b, SendCipher(k2), RecvCipher(k1), None, None))
+
+
+def _messages():
+    return [b"k", os.urandom(100), os.urandom(4070), os.urandom(4071), os.urandom(300 * 1024 + 17),
+            b"after the big one", os.urandom(70000)]
+
+
+def test_secure_conn_over_a_stream_without_recv_into():
+    a, b = socket.socketpair()
+    a.settimeout(20)
+    b.settimeout(20)
+    wrapped = _RecvOnly(a)
+    assert not hasattr(wrapped, "recv_into")
+    ca, cb = _conn_pair(wrapped, b)
+    with ca, cb:
+        msgs = _messages()
+        for src, dst in ((cb, ca), (ca, cb)):   # into the wrapped side, and back out of it
+            sender = Thread(lambda s=src: [s.sendall(m) for m in msgs])
+            for m in msgs:
+                assert dst.recv_exact(len(m)) == m
+            sender.get()
+        assert wrapped.asked and set(wrapped.asked) == {noise._RECV_CHUNK}
+        assert noise._RECV_CHUNK == 256 * 1024
+        cb.shutdown_write()
+        assert ca.recv(1) == b""
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
+def test_secure_conn_recv_into_a_large_message_in_pieces(kind):
+    """Over a real socket (recv_into): a > 1 MiB message, sent in uneven pieces with pauses,
+    arrives whole and intact though every chunk lands in the same reused buffer."""
+    a, b = _pair(kind)
+    a.settimeout(20)
+    b.settimeout(20)
+    ca, cb = _conn_pair(a, b)
+    with ca, cb:
+        big = os.urandom((1 << 20) + 333_333)
+
+        def send():
+            pos, step = 0, 1
+            while pos < len(big):
+                cb.sendall(big[pos:pos + step])
+                pos += step
+                step = step * 3 + 1 if step < 200_000 else 150_001
+                if step < 5000:
+                    time.sleep(0.002)
+            cb.sendall(b"tail")
+        sender = Thread(send)
+        got = bytearray()
+        while len(got) < len(big) + 4:
+            piece = ca.recv(1 << 20)
+            assert piece
+            got += piece
+        sender.get()
+        assert bytes(got) == big + b"tail"
+        assert ca._rbuf is not None and len(ca._rbuf) == noise._RECV_CHUNK   # the recv_into path
+        msgs = _messages()             # and the buffer keeps serving later records
+        sender = Thread(lambda: [cb.sendall(m) for m in msgs])
+        for m in msgs:
+            assert ca.recv_exact(len(m)) == m
+        sender.get()

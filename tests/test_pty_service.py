@@ -181,9 +181,10 @@ def test_child_exit_is_reaped_without_stop(gw):
 # ----------------------------------------------------------------------------- over net/rpc
 
 class _Conn:
-    """A mux table serving `dmsgpty/pty` on one end of a socketpair; the client on the other."""
+    """A mux table serving `dmsgpty/pty` on one end of a socketpair; the client on the other
+    (`make_client(sock)`: an rpc.RPCClient, or e.g. a skypty.client.PtyClient)."""
 
-    def __init__(self):
+    def __init__(self, make_client=rpc.RPCClient):
         self.table = mux.MuxTable()
         self.table.add_rpc("dmsgpty/pty", pty_factory)
         a, b = socket.socketpair()
@@ -192,7 +193,7 @@ class _Conn:
         self.server.start()
         mux.request(a, "dmsgpty/pty", timeout=10)
         self.sock = a
-        self.c = rpc.RPCClient(a)
+        self.c = make_client(a)
 
     def call(self, method, at, arg, rt, timeout=60):
         return self.c.call("pty." + method, at, arg, rt, timeout=timeout)
@@ -342,3 +343,172 @@ def test_child_has_a_controlling_tty_and_no_inherited_fds(gw):
     assert str(r) not in fds and set(fds) <= {"0", "1", "2", "10", "255"}, fds
     sid, pid = re.search(r"SID\s+(\d+) (\d+)", text).groups()
     assert sid == pid                                   # its own session: setsid + the pty as ctty
+
+
+# ----------------------------------------------------- non-blocking master: read_now, write_now
+
+def _lines(total: int) -> bytes:
+    """Input a canonical-mode pty cannot drop (it discards overlong lines, not whole ones)."""
+    return (b"x" * 63 + b"\n") * (total // 64)
+
+
+def _resolve(w, timeout: float = 10.0):
+    """Drive an rpc.Wait as the server would (poll its fds, call ready) to its final value."""
+    import select as _select
+
+    deadline = time.monotonic() + timeout
+    while isinstance(w, rpc.Wait):
+        p = _select.poll()
+        for fd in w.fds:
+            p.register(fd, _select.POLLIN)
+        left = deadline - time.monotonic()
+        assert left > 0, "the Wait never became ready"
+        if p.poll(left * 1000):
+            w = w.ready()
+    return w
+
+
+def test_write_now_small_is_an_int_large_blocked_is_a_later(gw):
+    gw.start({"Name": "/bin/sh", "Arg": ["-c", "sleep 30"], "Env": [], "Size": None})
+    assert gw.write_now(b"abc") == 3
+    later = gw.write_now(_lines(1 << 20))
+    assert isinstance(later, rpc.Later)
+
+
+def test_stop_ends_a_write_the_child_never_reads(gw):
+    gw.start({"Name": "sleep", "Arg": ["30"], "Env": [], "Size": None})
+    pid = gw._proc.pid
+    data = _lines(1 << 20)
+    later = gw.write_now(data)
+    assert isinstance(later, rpc.Later)
+    res = {}
+
+    def finish():
+        try:
+            res["n"] = later.finish()
+        except PtyError as e:
+            res["err"] = str(e)
+    t = threading.Thread(target=finish)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()                      # blocked: the child takes no input
+    stopper = threading.Thread(target=gw.stop)
+    t0 = time.monotonic()
+    stopper.start()
+    t.join(5)
+    stopper.join(5)
+    assert not t.is_alive() and not stopper.is_alive()
+    assert time.monotonic() - t0 < 2.5
+    assert res == {"err": "EOF"}
+    assert _wait_gone([pid]) == []
+
+
+def test_write_blocked_on_a_worker_is_ended_by_stop_call():
+    """Over rpc: the blocked rest of a Write finishes on a worker; the Stop call ends it with EOF."""
+    c = _Conn()
+    try:
+        c.call("Start", gobtypes.CommandReq, {"Name": "sleep", "Arg": ["30"], "Env": [], "Size": None}, gob.EMPTY)
+        res = {}
+
+        def write():
+            try:
+                res["n"] = c.call("Write", gob.BYTES, _lines(1 << 20), gob.INT, timeout=20)
+            except rpc.RPCError as e:
+                res["err"] = str(e)
+        t = threading.Thread(target=write)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()
+        assert c.call("Ping", gob.EMPTY, {}, gob.EMPTY, timeout=5) == {}   # the connection still serves
+        assert c.call("Stop", gob.EMPTY, {}, gob.EMPTY, timeout=5) == {}
+        t.join(5)
+        assert not t.is_alive() and res == {"err": "EOF"}
+    finally:
+        c.close()
+
+
+def test_read_now_waits_on_the_master_until_output(gw):
+    gw.start({"Name": "sh", "Arg": ["-c", "sleep 0.3; echo late"], "Env": [], "Size": None})
+    w = gw.read_now(4096)
+    assert isinstance(w, rpc.Wait)
+    assert gw._proc.master in w.fds and gw._proc.wake_r in w.fds
+    assert _resolve(w) == b"late\r\n"
+    # the child's exit comes through the same path
+    out, err = _read_to_end(lambda: _resolve(gw.read_now(4096)))
+    assert err == EIO and out == b""
+
+
+def test_read_now_output_already_there_is_had_at_once(gw):
+    """Output already waiting: read_now gives it, or a Wait whose fds are readable at once."""
+    import select as _select
+
+    gw.start({"Name": "echo", "Arg": ["ready"], "Env": [], "Size": None})
+    proc = gw._proc
+    p = _select.poll()
+    p.register(proc.master, _select.POLLIN)
+    assert p.poll(10000)                       # the output exists now
+    got = gw.read_now(4096)
+    if isinstance(got, rpc.Wait):
+        p = _select.poll()
+        for fd in got.fds:
+            p.register(fd, _select.POLLIN)
+        assert p.poll(0)                       # no waiting for it
+        got = got.ready()
+    assert got == b"ready\r\n"
+
+
+def test_stop_wakes_a_parked_read(gw):
+    gw.start({"Name": "cat", "Env": [], "Size": None})
+    w = gw.read_now(100)
+    assert isinstance(w, rpc.Wait)
+    gw.stop()
+    with pytest.raises(PtyError) as ei:
+        _resolve(w, timeout=5)
+    assert str(ei.value) == "EOF"
+
+
+def test_read_now_invalid_size(gw):
+    gw.start({"Name": "cat", "Env": [], "Size": None})
+    for n in (0, -1):
+        with pytest.raises(PtyError) as ei:
+            gw.read_now(n)
+        assert str(ei.value) == f"invalid read size: {n}"
+    gw.stop()
+
+
+def test_rpc_cat_echoes_a_write(conn):
+    conn.call("Start", gobtypes.CommandReq, {"Name": "cat", "Arg": [], "Env": [], "Size": None}, gob.EMPTY)
+    assert conn.call("Write", gob.BYTES, b"hello\n", gob.INT) == 6
+    out = _read_until(lambda: conn.call("Read", gob.INT, 32768, gob.BYTES, timeout=10), b"hello\r\nhello")
+    assert b"hello" in out
+
+
+def test_rpc_read_before_output_is_answered_once_output_arrives(conn):
+    conn.call("Start", gobtypes.CommandReq, {"Name": "cat", "Arg": [], "Env": [], "Size": None}, gob.EMPTY)
+    got = []
+    first = threading.Event()
+    failed = threading.Event()
+
+    def on_read(call):   # on the client's reader thread: keep one Read outstanding, as the shell does
+        got.append((call.reply, call.error))
+        first.set()
+        if call.error is not None:
+            failed.set()
+        else:
+            conn.c.go("pty.Read", gob.INT, 32768, gob.BYTES, callback=on_read)
+    conn.c.go("pty.Read", gob.INT, 32768, gob.BYTES, callback=on_read)
+    for i in range(5):   # the pending Read holds nothing up
+        assert conn.call("Ping", gob.EMPTY, {}, gob.EMPTY, timeout=5) == {}
+        assert conn.call("SetPtySize", gobtypes.WinSize, {"Rows": 20 + i, "Cols": 80}, gob.EMPTY, timeout=5) == {}
+    assert not first.wait(0.2) and got == []
+    assert conn.call("Write", gob.BYTES, b"ping\n", gob.INT, timeout=5) == 5
+    assert first.wait(5)
+    want = b"ping\r\nping\r\n"   # the echo, then cat's copy
+    deadline = time.monotonic() + 5
+    while b"".join(d for d, _ in list(got)) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b"".join(d for d, _ in list(got)) == want and all(e is None for _, e in got)
+    # the Read now left waiting is ended by Stop, with EOF
+    assert conn.call("Stop", gob.EMPTY, {}, gob.EMPTY, timeout=5) == {}
+    assert failed.wait(5)
+    assert isinstance(got[-1][1], rpc.RPCError) and str(got[-1][1]) == "EOF"

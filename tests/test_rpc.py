@@ -8,8 +8,11 @@ fresh Go process's bytes exactly; with the default ids only the id numbers would
 from __future__ import annotations
 
 import io
+import logging
+import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -549,3 +552,463 @@ def test_calls_reuse_worker_threads(echo_rpc):
     st["release"].set()
     t.join(20)
     assert res == [b"late"]
+
+
+# ------------------------------------------------------------- Method(now=...): Later, Wait
+
+
+@pytest.fixture
+def pipe():
+    """An os.pipe() (r, w); both closed after the test."""
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _until(pred, timeout=5.0):
+    """Wait until pred() is true; False if it is not within timeout."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _ping():
+    return rpc.Method("Ping", T.INT, T.INT, lambda x: x + 1)
+
+
+def _pipe_wait(r, log_, release=None, until=None):
+    """A Wait on r whose ready() reads what is there and replies with it (records its thread);
+    with `until`, it waits again until that byte has arrived."""
+    got = bytearray()
+
+    def ready():
+        log_.append(threading.current_thread())
+        got.extend(os.read(r, 100))
+        if until is not None and until not in got:
+            return w
+        return bytes(got)
+    w = rpc.Wait([r], ready, release)
+    return w
+
+
+def test_now_reply_comes_from_the_serve_thread(pair):
+    a, b = pair
+    seen = []
+
+    def now(x):
+        seen.append(threading.current_thread())
+        return x * 2
+
+    def fn(x):
+        raise AssertionError("fn must not run when now() answered")
+    srv = ServerThread(b, [("s", [rpc.Method("Dbl", T.INT, T.INT, fn, now=now),
+                                  rpc.Method("ODbl", T.INT, T.INT, fn, ordered=True, now=now)])])
+    client = rpc.RPCClient(a)
+    try:
+        assert client.call("s.Dbl", T.INT, 21, T.INT, timeout=20) == 42
+        assert client.call("s.ODbl", T.INT, 5, T.INT, timeout=20) == 10
+        assert seen == [srv.thread, srv.thread]
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_later_finishes_on_a_worker_and_errors_travel(pair):
+    a, b = pair
+    seen = {}
+
+    def now(x):
+        seen["now"] = threading.current_thread()
+        if x < 0:
+            raise ValueError("now says no")
+        if x == 0:
+            return rpc.Later(lambda: (_ for _ in ()).throw(RuntimeError("finish says no")))
+
+        def finish():
+            seen["finish"] = threading.current_thread()
+            return x + 100
+        return rpc.Later(finish)
+    def fn(x):   # a call that comes in while the previous one is finishing goes here: the same
+        r = now(x)
+        return r.finish() if isinstance(r, rpc.Later) else r
+    srv = ServerThread(b, [("s", [rpc.Method("L", T.INT, T.INT, fn, ordered=True, now=now)])])
+    client = rpc.RPCClient(a)
+    try:
+        assert client.call("s.L", T.INT, 1, T.INT, timeout=20) == 101
+        assert seen["now"] is srv.thread
+        assert seen["finish"] is not srv.thread and seen["finish"].name.startswith("rpc-worker")
+        with pytest.raises(rpc.RPCError) as ei:
+            client.call("s.L", T.INT, -1, T.INT, timeout=20)
+        assert str(ei.value) == "now says no"
+        with pytest.raises(rpc.RPCError) as ei:
+            client.call("s.L", T.INT, 0, T.INT, timeout=20)
+        assert str(ei.value) == "finish says no"
+        assert client.call("s.L", T.INT, 2, T.INT, timeout=20) == 102   # still serving, in turn
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_parked_wait_is_answered_when_its_fd_is_readable(pair, pipe):
+    """The serve thread polls the parked call's fd itself and keeps answering other calls."""
+    a, b = pair
+    r, w = pipe
+    ran = []
+    srv = ServerThread(b, [("s", [rpc.Method("Get", T.INT, T.BYTES, lambda x: b"worker", ordered=True,
+                                             now=lambda x: _pipe_wait(r, ran)), _ping()])])
+    client = rpc.RPCClient(a)
+    try:
+        call = client.go("s.Get", T.INT, 0, T.BYTES)
+        for i in range(20):
+            assert client.call("s.Ping", T.INT, i, T.INT, timeout=5) == i + 1
+        assert not call.event.is_set() and ran == []
+        os.write(w, b"xyz")
+        assert call.wait(5) == b"xyz"
+        assert ran == [srv.thread]
+        assert client.call("s.Ping", T.INT, 1, T.INT, timeout=5) == 2
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_wait_ready_may_wait_again(pair, pipe):
+    """ready() returning a Wait (a spurious wake-up, or not enough yet) keeps the call parked."""
+    a, b = pair
+    r, w = pipe
+    calls = {"n": 0}
+    got = bytearray()
+
+    def now(x):
+        def ready():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return wait            # spurious: drains nothing, the same Wait again
+            got.extend(os.read(r, 100))
+            return bytes(got) if b"\n" in got else wait
+        wait = rpc.Wait([r], ready)
+        return wait
+    srv = ServerThread(b, [("s", [rpc.Method("Line", T.INT, T.BYTES, lambda x: b"", ordered=True, now=now),
+                                  _ping()])])
+    client = rpc.RPCClient(a)
+    try:
+        call = client.go("s.Line", T.INT, 0, T.BYTES)
+        assert client.call("s.Ping", T.INT, 1, T.INT, timeout=5) == 2
+        os.write(w, b"ab")
+        deadline = time.monotonic() + 5
+        while calls["n"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls["n"] >= 2                                    # woken twice: spurious, then "ab"
+        assert client.call("s.Ping", T.INT, 2, T.INT, timeout=5) == 3
+        assert not call.event.is_set()
+        os.write(w, b"c\n")
+        assert call.wait(5) == b"abc\n"
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_ordered_waits_answer_in_arrival_order(pair, pipe):
+    """A second call of an ordered method while the first is parked runs (on a worker) only
+    after the first replied: both read the same pipe, yet each gets its own byte in order."""
+    a, b = pair
+    r, w = pipe
+    threads = {}
+
+    def make(x):
+        def ready():
+            threads[x] = threading.current_thread()
+            return b"%d" % x + os.read(r, 1)
+        return rpc.Wait([r], ready)
+
+    def fn(x):   # a worker's call: the same, blocking
+        return make(x).block()
+    srv = ServerThread(b, [("s", [rpc.Method("Get", T.INT, T.BYTES, fn, ordered=True, now=make), _ping()])])
+    client = rpc.RPCClient(a)
+    order = []
+    try:
+        for i in (0, 1):
+            client.go("s.Get", T.INT, i, T.BYTES, callback=lambda c: order.append(c.reply))
+        assert client.call("s.Ping", T.INT, 1, T.INT, timeout=5) == 2   # both calls were read
+        os.write(w, b"A")
+        assert _until(lambda: order == [b"0A"])
+        assert client.call("s.Ping", T.INT, 1, T.INT, timeout=5) == 2
+        assert order == [b"0A"]                                          # the second still waits
+        os.write(w, b"B")
+        assert _until(lambda: len(order) == 2)
+        assert order == [b"0A", b"1B"]
+        assert threads[0] is srv.thread and threads[1] is not srv.thread
+        # with both bytes already there, pipelined calls still take them in order
+        os.write(w, b"CD")
+        calls = [client.go("s.Get", T.INT, i, T.BYTES) for i in (2, 3)]
+        assert [c.wait(5) for c in calls] == [b"2C", b"3D"]
+    finally:
+        os.write(w, b"zz")   # never leave a worker blocked in poll()
+        client.close()
+        srv.stop()
+
+
+def test_parked_call_is_released_once_when_the_client_goes(pair, pipe):
+    a, b = pair
+    r, w = pipe
+    released = []
+    ran = []
+    srv = ServerThread(b, [("s", [rpc.Method("Get", T.INT, T.BYTES, lambda x: b"", ordered=True,
+                                             now=lambda x: _pipe_wait(r, ran, lambda: released.append(1))),
+                                  _ping()])])
+    client = rpc.RPCClient(a)
+    errors = []
+    client.go("s.Get", T.INT, 0, T.BYTES, callback=lambda c: errors.append(c.error))
+    assert client.call("s.Ping", T.INT, 1, T.INT, timeout=5) == 2   # the Get is parked by now
+    client.close()
+    srv.thread.join(10)
+    assert not srv.thread.is_alive()
+    assert released == [1]
+    os.write(w, b"late")
+    time.sleep(0.1)
+    assert ran == [] and released == [1]
+    assert len(errors) == 1 and isinstance(errors[0], rpc.RPCClosedError)
+    srv.stop()
+
+
+class _NoFileno:
+    """A socket without a usable fileno(): the server cannot poll it beside parked calls."""
+
+    def __init__(self, sock):
+        self._s = sock
+
+    def fileno(self):
+        raise OSError("no fd here")
+
+    def sendall(self, data):
+        return self._s.sendall(data)
+
+    def recv(self, n):
+        return self._s.recv(n)
+
+    def close(self):
+        self._s.close()
+
+    def shutdown(self, how):
+        self._s.shutdown(how)
+
+    def settimeout(self, t):
+        self._s.settimeout(t)
+
+
+def test_wait_on_a_connection_without_fileno_runs_on_a_worker(pair, pipe):
+    a, b = pair
+    r, w = pipe
+    ran = []
+    def now(x):
+        return _pipe_wait(r, ran, until=b"!")
+
+    def fn(x):   # a call right behind the previous one (still passing its turn on) comes here
+        return now(x).block()
+    srv = ServerThread(_NoFileno(b), [("s", [rpc.Method("Get", T.INT, T.BYTES, fn, ordered=True, now=now),
+                                             _ping()])])
+    client = rpc.RPCClient(a)
+    try:
+        call = client.go("s.Get", T.INT, 0, T.BYTES)
+        for i in range(5):
+            assert client.call("s.Ping", T.INT, i, T.INT, timeout=5) == i + 1
+        assert not call.event.is_set()
+        os.write(w, b"ab")
+        time.sleep(0.05)
+        os.write(w, b"!")
+        assert call.wait(5) == b"ab!"
+        assert ran and all(t is not srv.thread and t.name.startswith("rpc-worker") for t in ran)
+        os.write(w, b"!")   # already readable: the worker's first poll returns at once
+        assert client.call("s.Get", T.INT, 0, T.BYTES, timeout=5) == b"!"
+    finally:
+        os.write(w, b"!!")
+        client.close()
+        srv.stop()
+
+
+def test_unordered_wait_is_refused_and_released(pair, pipe):
+    a, b = pair
+    r, w = pipe
+    released = []
+    ran = []
+    srv = ServerThread(b, [("s", [rpc.Method("Get", T.INT, T.BYTES, lambda x: b"", ordered=False,
+                                             now=lambda x: _pipe_wait(r, ran, lambda: released.append(1))),
+                                  _ping()])])
+    client = rpc.RPCClient(a)
+    try:
+        with pytest.raises(rpc.RPCError) as ei:
+            client.call("s.Get", T.INT, 0, T.BYTES, timeout=5)
+        assert str(ei.value) == "rpc: s.Get may not wait unordered"
+        assert released == [1]
+        os.write(w, b"x")
+        assert client.call("s.Ping", T.INT, 1, T.INT, timeout=5) == 2
+        assert ran == [] and released == [1]
+    finally:
+        client.close()
+        srv.stop()
+
+
+# ------------------------------------------------------------------- RPCClient.go(callback=)
+
+def test_go_callbacks_run_on_the_reader_thread_in_reply_order(echo_rpc):
+    st, client, _, _ = echo_rpc
+    seen = []
+    done = threading.Event()
+
+    def cb(call):
+        seen.append((call.method, call.reply, call.error, threading.current_thread()))
+        if len(seen) == 3:
+            done.set()
+    client.go("pty.Read", T.INT, 1, T.BYTES, callback=cb)        # blocks on the server
+    assert st["started"].wait(20)
+    client.go("pty.Write", T.BYTES, b"abc", T.INT, callback=cb)
+    client.go("pty.Fail", T.EMPTY, {}, T.EMPTY, callback=cb)
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [s[0] for s in seen] == ["pty.Write", "pty.Fail"]
+    st["release"].set()
+    assert done.wait(5)
+    assert [s[:2] for s in seen] == [("pty.Write", 3), ("pty.Fail", None), ("pty.Read", b"late")]
+    assert seen[0][2] is None and seen[2][2] is None
+    assert isinstance(seen[1][2], rpc.RPCError) and str(seen[1][2]) == "dmsgpty: Exec: empty command name"
+    reader = client._reader
+    assert all(s[3] is reader for s in seen) and reader is not threading.current_thread()
+
+
+def test_pending_callbacks_get_closed_error_when_the_link_dies(echo_rpc):
+    st, client, _, b = echo_rpc
+    got = []
+    done = threading.Event()
+
+    def cb(call):
+        got.append(call.error)
+        done.set()
+    call = client.go("pty.Read", T.INT, 1, T.BYTES, callback=cb)
+    assert st["started"].wait(20)
+    b.shutdown(socket.SHUT_RDWR)
+    assert done.wait(5)
+    assert len(got) == 1 and isinstance(got[0], rpc.RPCClosedError) and call.reply is None
+    assert client.closed
+
+
+def test_pending_callbacks_run_on_client_close(echo_rpc):
+    st, client, _, _ = echo_rpc
+    got = []
+    client.go("pty.Read", T.INT, 1, T.BYTES, callback=lambda c: got.append(c.error))
+    assert st["started"].wait(20)
+    client.close()
+    assert len(got) == 1 and isinstance(got[0], rpc.RPCClosedError)
+
+
+def test_a_raising_callback_is_logged_and_the_reader_lives_on(echo_rpc, caplog):
+    _, client, _, _ = echo_rpc
+
+    ran = []
+
+    def bad(call):
+        ran.append(call.reply)
+        raise RuntimeError("callback bug")
+    with caplog.at_level(logging.ERROR, logger="skypty.rpc"):
+        client.go("pty.Write", T.BYTES, b"ab", T.INT, callback=bad)
+        assert _until(lambda: ran == [2])
+        for i in range(5):
+            assert client.call("pty.Write", T.BYTES, b"x" * i, T.INT, timeout=5) == i
+    assert not client.closed
+    assert any("reply callback failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_callback_may_issue_further_calls(echo_rpc):
+    """A chain of calls, each issued from the previous one's callback on the reader thread."""
+    _, client, _, _ = echo_rpc
+    replies = []
+    done = threading.Event()
+
+    def next_call(call=None):
+        if call is not None:
+            replies.append((call.reply, threading.current_thread() is client._reader))
+        if len(replies) == 30:
+            done.set()
+            return
+        n = len(replies)
+        client.go("pty.Write", T.BYTES, b"q" * n, T.INT, callback=next_call)
+    next_call()
+    assert done.wait(10)
+    assert replies == [(i, True) for i in range(30)]
+
+
+def test_full_slots_behind_a_parked_call_do_not_stall_it(pair, pipe):
+    """All in-flight slots taken by calls waiting their turn behind a parked call: the serve
+    thread must go on polling the parked one (only it can finish it), or nothing ever moves."""
+    a, b = pair
+    r, w = pipe
+
+    def make(x):
+        return rpc.Wait([r], lambda: b"%d" % x + os.read(r, 1))
+
+    def fn(x):
+        return make(x).block()
+    srv = ServerThread(b, [("s", [rpc.Method("Get", T.INT, T.BYTES, fn, ordered=True, now=make), _ping()])],
+                       max_inflight=1)
+    client = rpc.RPCClient(a)
+    try:
+        calls = [client.go("s.Get", T.INT, i, T.BYTES) for i in range(3)]   # parked, slot, blocked reader
+        ping = client.go("s.Ping", T.INT, 1, T.INT)
+        time.sleep(0.1)
+        os.write(w, b"ABC")
+        assert [c.wait(5) for c in calls] == [b"0A", b"1B", b"2C"]
+        assert ping.wait(5) == 2
+    finally:
+        os.write(w, b"zzz")
+        client.close()
+        srv.stop()
+
+
+class _Breakable:
+    """A socket whose sendall can be made to fail (a peer gone mid-session)."""
+
+    def __init__(self, sock):
+        self._s = sock
+        self.broken = False
+
+    def sendall(self, data):
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        return self._s.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+def test_a_failed_send_runs_callbacks_that_may_call_again(pair):
+    """A send that fails ends the connection and runs the pending callbacks on the calling
+    thread; a callback issuing a call must get an error, not a deadlock on the send lock."""
+    a, b = pair
+    conn = _Breakable(a)
+    client = rpc.RPCClient(conn)
+    seen = []
+
+    def cb(call):
+        seen.append(type(call.error).__name__)
+        try:
+            client.go("s.Get", T.INT, 1, T.INT, callback=lambda c: None)
+        except rpc.RPCClosedError:
+            seen.append("refused")
+    try:
+        client.go("s.Get", T.INT, 0, T.INT, callback=cb)   # pending: the peer never answers
+        conn.broken = True
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (client.go("s.Get", T.INT, 2, T.INT, callback=cb), done.set()),
+                             daemon=True)
+        t.start()
+        assert done.wait(5), "go() deadlocked running callbacks under its send lock"
+        assert seen.count("RPCClosedError") == 2 and seen.count("refused") == 2
+        assert client.closed
+    finally:
+        client.close()

@@ -151,21 +151,14 @@ class PtyGateway:
         return w.block() if isinstance(w, Wait) else w
 
     def read_now(self, n: int):
-        """The output already there, or an rpc.Wait on the master (and the stop pipe) that
-        the connection's thread polls: no thread sits in a blocked Read."""
+        """An rpc.Wait on the master (and the stop pipe) that the connection's thread polls:
+        no thread sits in a blocked Read. Output already there makes the poll return at
+        once, so the Read is not tried here first (usually it would be one EAGAIN more)."""
         n = int(n)
         if n <= 0:
             raise PtyError(f"invalid read size: {n}")
         n = min(n, limits.PTY_READ_MAX)
         proc, fd = self._use()
-        try:
-            data = self._try_read(proc, fd, n)
-        except BaseException:
-            proc.release()
-            raise
-        if data is not None:
-            proc.release()
-            return data
         from skypty.rpc import Wait
 
         def ready():
@@ -189,7 +182,8 @@ class PtyGateway:
             raise PtyError(ERR_EOF)
         parts = []
         got = 0
-        # a pty hands out ~4 KiB a read: take all that is there (fewer round trips, no waiting)
+        # a pty hands out <= 4 KiB a read: while it comes in bulk take all that is there
+        # (fewer round trips, no waiting)
         while got < n:
             try:
                 chunk = os.read(fd, n - got)
@@ -209,6 +203,8 @@ class PtyGateway:
                 raise PtyError(ERR_EOF)
             parts.append(chunk)
             got += len(chunk)
+            if len(chunk) < 1024:
+                break   # a trickle (a keystroke's echo): it was all there, skip the EAGAIN read
         return b"".join(parts) if parts else None
 
     def write(self, data: bytes) -> int:
