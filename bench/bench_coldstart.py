@@ -66,6 +66,10 @@ def import_ms(pk: str) -> tuple:
 
 
 def main() -> list:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _util import ensure_bytecode
+
+    ensure_bytecode(ROOT)
     pk = _valid_pk()
     rows = []
     imp, mods = import_ms(pk)

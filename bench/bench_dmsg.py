@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from _util import free_port, stop_process, wait_port  # noqa: E402
+from _util import ensure_bytecode, free_port, stop_process, wait_port  # noqa: E402
 from skypty.keys import generate_keypair  # noqa: E402
 from skypty.transport.dmsg import disc as dmsgdisc  # noqa: E402
 from skypty.transport.dmsg.client import DmsgClient  # noqa: E402
@@ -155,6 +155,7 @@ def _exec_rows(url: str, procs) -> list:
 
 
 def main() -> list:
+    ensure_bytecode(ROOT)
     procs: list = []
     rows = []
     try:

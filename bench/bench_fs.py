@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
-from _util import free_port as _free_port, stop_process as _stop, wait_port as _wait_port  # noqa: E402
+from _util import ensure_bytecode, free_port as _free_port, stop_process as _stop, wait_port as _wait_port  # noqa: E402
 
 SKYPTY = [sys.executable, os.path.join(ROOT, "skypty.py")]
 BLOCK = 1024 * 1024
@@ -246,6 +246,7 @@ def _make_small(srv: str, count: int) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
+    ensure_bytecode(ROOT)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--files", type=int, default=2000)

@@ -6,6 +6,7 @@ The compiled dependencies (cryptography, coincurve, …) are not inside: install
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import subprocess
@@ -23,6 +24,9 @@ def build(out: str, vendor: str | None = None) -> str:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with open(os.path.join(stage, "__main__.py"), "w") as f:
             f.write("import sys\nfrom skypty.cli import main\nsys.exit(main())\n")
+        # zipimport cannot cache bytecode: ship it (beside each .py, the layout zipimport
+        # reads). A Python of another version sees a foreign magic number and uses the source.
+        compileall.compile_dir(os.path.join(stage, "skypty"), legacy=True, quiet=1)
         if vendor:
             subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--target", stage,
                                    "-r", os.path.join(ROOT, "requirements.txt")])

@@ -881,8 +881,8 @@ def test_secure_conn_over_a_stream_without_recv_into():
 
 @pytest.mark.parametrize("kind", ["socketpair", "tcp"])
 def test_secure_conn_recv_into_a_large_message_in_pieces(kind):
-    """Over a real socket (recv_into): a > 1 MiB message, sent in uneven pieces with pauses,
-    arrives whole and intact though every chunk lands in the same reused buffer."""
+    """Over a real socket: a > 1 MiB message, sent in uneven pieces with pauses, arrives whole
+    and intact while reads switch between the reused small buffer (recv_into) and bulk reads."""
     a, b = _pair(kind)
     a.settimeout(20)
     b.settimeout(20)
@@ -907,9 +907,54 @@ def test_secure_conn_recv_into_a_large_message_in_pieces(kind):
             got += piece
         sender.get()
         assert bytes(got) == big + b"tail"
-        assert ca._rbuf is not None and len(ca._rbuf) == noise._RECV_CHUNK   # the recv_into path
+        assert ca._rbuf is not None and len(ca._rbuf) == noise._RECV_SMALL   # the recv_into path
         msgs = _messages()             # and the buffer keeps serving later records
         sender = Thread(lambda: [cb.sendall(m) for m in msgs])
         for m in msgs:
             assert ca.recv_exact(len(m)) == m
         sender.get()
+
+
+class _CountingSock:
+    """A real socket that records which read call SecureConn made, and its size."""
+
+    def __init__(self, sock):
+        self._s = sock
+        self.calls = []
+
+    def recv(self, n):
+        self.calls.append(("recv", n))
+        return self._s.recv(n)
+
+    def recv_into(self, buf):
+        self.calls.append(("recv_into", len(buf)))
+        return self._s.recv_into(buf)
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+def test_keystrokes_never_pay_for_a_bulk_read():
+    """Small records are read with recv_into a 16 KiB buffer (a 256 KiB recv() that returns a
+    few bytes costs an mmap+munmap each time); a bulk transfer switches to 256 KiB reads, and
+    keystroke-sized traffic afterwards goes back to the small buffer."""
+    a, b = socket.socketpair()
+    a.settimeout(20)
+    b.settimeout(20)
+    wrapped = _CountingSock(a)
+    ca, cb = _conn_pair(wrapped, b)
+    with ca, cb:
+        for i in range(20):
+            cb.sendall(b"k%d" % i)
+            assert ca.recv(100) == b"k%d" % i
+        assert wrapped.calls and set(wrapped.calls) == {("recv_into", noise._RECV_SMALL)}
+        big = os.urandom(8 << 20)
+        sender = Thread(cb.sendall, big)
+        assert ca.recv_exact(len(big)) == big
+        sender.get()
+        assert ("recv", noise._RECV_CHUNK) in wrapped.calls
+        del wrapped.calls[:]
+        for i in range(5):
+            cb.sendall(b"q%d" % i)
+            assert ca.recv(100) == b"q%d" % i
+        assert wrapped.calls[-3:] == [("recv_into", noise._RECV_SMALL)] * 3
