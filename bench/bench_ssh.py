@@ -170,6 +170,9 @@ def download(peer: Peer, mib: int, runs: int = 3) -> float:
     return statistics.median(rates)
 
 
+WARMUP = 20
+
+
 class _EchoSession:
     """An interactive session of one peer running `cat` in raw mode, ready for keystrokes."""
 
@@ -222,7 +225,7 @@ def echo_latency_pair(peers: List[Peer], n: int) -> "List[Optional[tuple[float, 
             except Exception as e:
                 sys.stderr.write(f"bench: {p.name} echo latency: {e}\n")
                 sessions.append(None)
-        for _ in range(20):   # warm-up, not counted
+        for _ in range(WARMUP):   # warm-up, not counted
             for s in sessions:
                 if s is not None:
                     s.one(b"w")

@@ -296,7 +296,11 @@ def _rd_int(buf: bytes, pos: int) -> Tuple[int, int]:
 
 
 def _rd_bytes(buf: bytes, pos: int) -> Tuple[bytes, int]:
-    n, pos = _rd_uint(buf, pos)
+    n = buf[pos] if pos < len(buf) else 0x80   # 0x80: let _rd_uint report the truncation
+    if n < 0x80:
+        pos += 1
+    else:
+        n, pos = _rd_uint(buf, pos)
     end = pos + n
     if end > len(buf):
         raise ProtocolError(f"gob: byte string of {n} bytes exceeds the message")
@@ -763,7 +767,7 @@ class Decoder:
         self._def_bytes = 0
         self._plans: Dict[Tuple[int, Optional[GobType]], _Dec] = {}
         # (wire id, expected type) -> (singleton?, plan), once a value decoded that way
-        self._fast: Dict[Tuple[int, Optional[GobType]], Tuple[bool, _Dec]] = {}
+        self._fast: Dict[Tuple[int, int], Tuple[Optional[GobType], bool, _Dec]] = {}
         self.broken = False
 
     # framing --------------------------------------------------------------------------
@@ -824,9 +828,11 @@ class Decoder:
         self._wire[tid] = _parse_wiretype(buf, pos)
 
     def _value(self, tid: int, buf: bytes, pos: int, t: Optional[GobType]) -> Any:
-        fast = self._fast.get((tid, t))
-        if fast is not None:   # seen before: every check below already passed once
-            singleton, fn = fast
+        # keyed by id(t): hashing a type descriptor is a Python-level call; the entry keeps
+        # t alive, so the id cannot be reused while it is cached
+        fast = self._fast.get((tid, id(t)))
+        if fast is not None and fast[0] is t:   # seen before: every check below passed once
+            _, singleton, fn = fast
             if singleton:
                 if buf[pos:pos + 1] != b"\x00":
                     raise ProtocolError("gob: corrupted data: non-zero delta for singleton")
@@ -852,7 +858,7 @@ class Decoder:
             raise ProtocolError("gob: value nested too deeply") from None
         if pos != len(buf):
             raise ProtocolError("gob: extra data after value")
-        self._fast[(tid, t)] = (w is None or w.kind != "struct", fn)
+        self._fast[(tid, id(t))] = (t, w is None or w.kind != "struct", fn)
         return val
 
     # plans: (wire id, expected type) -> decode function ---------------------------------
@@ -957,7 +963,11 @@ class Decoder:
                     d[fname] = zero_value(ft)
             field = -1
             while True:
-                delta, pos = _rd_uint(buf, pos)
+                delta = buf[pos] if pos < len(buf) else 0x80
+                if delta < 0x80:   # the one-byte case, inline
+                    pos += 1
+                else:
+                    delta, pos = _rd_uint(buf, pos)
                 if delta == 0:
                     return d, pos
                 field += delta
@@ -1099,14 +1109,20 @@ def _dec_float(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
 
 def _dec_string(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
     b, pos = _rd_bytes(buf, pos)
-    return b.decode("utf-8", "surrogateescape"), pos
+    return str(b, "utf-8", "surrogateescape"), pos
 
 
 def _ranged_dec(rd: Callable[[bytes, int], Tuple[int, int]], t: Basic) -> _Dec:
     lo, hi = t.lo, t.hi
 
+    unsigned = rd is _rd_uint
+
     def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-        v, pos = rd(buf, pos)
+        if unsigned and pos < len(buf) and buf[pos] < 0x80:   # the one-byte case, inline
+            v = buf[pos]
+            pos += 1
+        else:
+            v, pos = rd(buf, pos)
         if not lo <= v <= hi:  # type: ignore[operator]
             raise ProtocolError(f"gob: value {v} out of range for {t.name}")
         return v, pos
