@@ -534,8 +534,8 @@ class SecureConn:
         self._rlock = threading.Lock()
         self._raw = bytearray(initial)   # ciphertext not yet parsed into records
         self._rbuf: Any = None           # recv_into target, made on first use
-        self._no_into = not hasattr(stream, "recv_into")   # then every read is a bulk one
-        self._bulk = self._no_into
+        self._no_small = True            # every read a bulk one, until prefer_small_reads()
+        self._bulk = True
         self._plain = bytearray()        # decrypted, not yet returned
         self._ppos = 0
         self._eof = False
@@ -619,17 +619,27 @@ class SecureConn:
             self._err = e
         return pos, got
 
+    def prefer_small_reads(self) -> None:
+        """For request/response traffic (rpc): see _recv_chunk. No-op on a stream without
+        recv_into."""
+        if hasattr(self.stream, "recv_into"):
+            self._no_small = False
+            self._bulk = False
+
     def _recv_chunk(self):
-        """Up to _RECV_CHUNK bytes of ciphertext. A stream.recv(256 KiB) that returns a few
-        bytes costs an mmap+munmap (~13 us, a keystroke's whole budget), so small traffic is
-        read with recv_into a reused 16 KiB buffer. Once that comes back full the stream is
-        in bulk and stream.recv(256 KiB) is used until a read is tiny again: measured here,
-        the big reads keep a 256 MiB download at ~640 MiB/s (recv_into gave ~440: more,
-        smaller reads)."""
+        """Up to _RECV_CHUNK bytes of ciphertext.
+
+        A stream.recv(256 KiB) that returns a few bytes costs an mmap+munmap (~13 us, a
+        keystroke's whole budget). After prefer_small_reads() small traffic is read with
+        recv_into a reused 16 KiB buffer; once that comes back full the stream is in bulk
+        and stream.recv(256 KiB) is used until a read is tiny again. Streams not marked stay
+        with the big reads: measured here, making every read cheap cost bulk transfers
+        (256 MiB download 640 -> 440 MiB/s, fs writes 550 -> 320 MiB/s: the reader then
+        wakes for ever smaller pieces)."""
         if self._bulk:
             chunk = memoryview(self.stream.recv(_RECV_CHUNK))
             # only keystroke-sized traffic ends bulk mode; a stream without recv_into stays in it
-            self._bulk = len(chunk) >= 1024 or self._no_into
+            self._bulk = len(chunk) >= 1024 or self._no_small
             return chunk
         buf = self._rbuf
         if buf is None:

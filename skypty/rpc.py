@@ -166,6 +166,15 @@ class BufferedReader:
         return b"".join(parts)
 
 
+def _rpc_stream(conn: Any) -> None:
+    """Ready a connection for rpc: no socket timeout (sessions idle for hours; a timeout would
+    kill one mid-message), and cheap small reads where the stream offers them."""
+    small = getattr(conn, "prefer_small_reads", None)
+    if small is not None:
+        small()
+    _no_timeout(conn)
+
+
 def _no_timeout(conn: Any) -> None:
     # an idle session is normal: a socket timeout would kill it mid-message
     settimeout = getattr(conn, "settimeout", None)
@@ -197,7 +206,7 @@ class RPCServer:
     def __init__(self, conn: Any, max_inflight: int = limits.RPC_MAX_INFLIGHT,
                  first_id: int = DEFAULT_FIRST_ID):
         self._conn = conn
-        _no_timeout(conn)
+        _rpc_stream(conn)
         self._services: Dict[str, Dict[str, Method]] = {}
         self._on_close: List[Callable[[], Any]] = []
         self._enc = Encoder(None, first_id)
@@ -542,7 +551,7 @@ class RPCClient:
 
     def __init__(self, conn: Any, first_id: int = DEFAULT_FIRST_ID):
         self._conn = conn
-        _no_timeout(conn)
+        _rpc_stream(conn)
         self._enc = Encoder(None, first_id)
         self._dec = Decoder(BufferedReader(conn).read_exact)
         self._seq = 0

@@ -887,6 +887,7 @@ def test_secure_conn_recv_into_a_large_message_in_pieces(kind):
     a.settimeout(20)
     b.settimeout(20)
     ca, cb = _conn_pair(a, b)
+    ca.prefer_small_reads()
     with ca, cb:
         big = os.urandom((1 << 20) + 333_333)
 
@@ -935,15 +936,21 @@ class _CountingSock:
 
 
 def test_keystrokes_never_pay_for_a_bulk_read():
-    """Small records are read with recv_into a 16 KiB buffer (a 256 KiB recv() that returns a
-    few bytes costs an mmap+munmap each time); a bulk transfer switches to 256 KiB reads, and
-    keystroke-sized traffic afterwards goes back to the small buffer."""
+    """Marked for rpc (prefer_small_reads), small records are read with recv_into a 16 KiB
+    buffer (a 256 KiB recv() that returns a few bytes costs an mmap+munmap each time); a bulk
+    transfer switches to 256 KiB reads, and keystroke-sized traffic afterwards goes back to the
+    small buffer. Unmarked, every read is a 256 KiB recv() (what bulk streams want)."""
     a, b = socket.socketpair()
     a.settimeout(20)
     b.settimeout(20)
     wrapped = _CountingSock(a)
     ca, cb = _conn_pair(wrapped, b)
     with ca, cb:
+        cb.sendall(b"unmarked")
+        assert ca.recv(100) == b"unmarked"
+        assert wrapped.calls == [("recv", noise._RECV_CHUNK)]
+        del wrapped.calls[:]
+        ca.prefer_small_reads()
         for i in range(20):
             cb.sendall(b"k%d" % i)
             assert ca.recv(100) == b"k%d" % i

@@ -1012,3 +1012,39 @@ def test_a_failed_send_runs_callbacks_that_may_call_again(pair):
         assert client.closed
     finally:
         client.close()
+
+
+def test_rpc_marks_secure_conns_for_small_reads(pair):
+    """An rpc connection over SecureConn reads its small replies with the cheap small-buffer
+    path (noise.SecureConn.prefer_small_reads), not 256 KiB recv()s."""
+    from skypty import noise
+
+    class Counting:
+        def __init__(self, sock):
+            self._s, self.calls = sock, []
+
+        def recv(self, n):
+            self.calls.append("recv")
+            return self._s.recv(n)
+
+        def recv_into(self, buf):
+            self.calls.append("recv_into")
+            return self._s.recv_into(buf)
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+
+    a, b = pair
+    k1, k2 = os.urandom(32), os.urandom(32)
+    wa = Counting(a)
+    ca = noise.SecureConn(wa, noise.SendCipher(k1), noise.RecvCipher(k2), None, None)
+    cb = noise.SecureConn(b, noise.SendCipher(k2), noise.RecvCipher(k1), None, None)
+    srv = ServerThread(cb, [("s", [_ping()])])
+    client = rpc.RPCClient(ca)
+    try:
+        for i in range(5):
+            assert client.call("s.Ping", T.INT, i, T.INT, timeout=5) == i + 1
+        assert "recv_into" in wa.calls and "recv" not in wa.calls
+    finally:
+        client.close()
+        srv.stop()
