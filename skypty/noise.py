@@ -567,57 +567,44 @@ class SecureConn:
     def _fill(self) -> None:
         """Decrypt at least one non-empty record into the plaintext buffer, or set EOF."""
         raw = self._raw
+        rc = self._recv
         while True:
-            if raw:   # a record cut short by the last recv, or records an error stopped at
+            pos = 0
+            n = len(raw)
+            got = False
+            # On a protocol error the buffer is left as is: the error is sticky and the
+            # traceback may still pin a view of it.
+            # Records before a bad one are still delivered; the error surfaces after them.
+            try:
                 with memoryview(raw) as mv:
-                    used, got = self._open_records(mv)
-                if used:
-                    del raw[:used]
-                if got or self._err is not None:
-                    return
+                    while n - pos >= 2:
+                        length = (raw[pos] << 8) | raw[pos + 1]
+                        if length > limits.NOISE_MAX_BODY:
+                            raise ProtocolError(f"noise: frame length {length} exceeds the maximum"
+                                                f" {limits.NOISE_MAX_BODY}")
+                        if n - pos - 2 < length:
+                            break
+                        pt = rc.open(mv[pos + 2:pos + 2 + length])
+                        pos += 2 + length
+                        if pt:
+                            self._plain += pt
+                            got = True
+            except ProtocolError as e:
+                if not got:
+                    raise
+                self._err = e
+                return
+            if pos:
+                del raw[:pos]
+            if got:
+                return
             chunk = self._recv_chunk()
             if not chunk:
                 if raw:
                     raise ProtocolError(f"noise: connection closed inside a frame ({len(raw)} bytes left over)")
                 self._eof = True
                 return
-            if raw:
-                raw += chunk
-                continue
-            # The usual case: records are opened straight from the receive buffer, and only
-            # an incomplete tail is copied aside.
-            used, got = self._open_records(chunk)
-            if used < len(chunk):
-                raw += chunk[used:]
-            if got or self._err is not None:
-                return
-
-    def _open_records(self, mv) -> Tuple[int, bool]:
-        """Open every complete record at the start of mv into the plaintext buffer: (bytes
-        used, any plaintext?). Records before a bad one are still delivered; the error then
-        surfaces after them (sticky in self._err), or at once if there were none."""
-        rc = self._recv
-        n = len(mv)
-        pos = 0
-        got = False
-        try:
-            while n - pos >= 2:
-                length = (mv[pos] << 8) | mv[pos + 1]
-                if length > limits.NOISE_MAX_BODY:
-                    raise ProtocolError(f"noise: frame length {length} exceeds the maximum"
-                                        f" {limits.NOISE_MAX_BODY}")
-                if n - pos - 2 < length:
-                    break
-                pt = rc.open(mv[pos + 2:pos + 2 + length])
-                pos += 2 + length
-                if pt:
-                    self._plain += pt
-                    got = True
-        except ProtocolError as e:
-            if not got:
-                raise
-            self._err = e
-        return pos, got
+            raw += chunk
 
     def prefer_small_reads(self) -> None:
         """For request/response traffic (rpc): see _recv_chunk. No-op on a stream without
@@ -637,7 +624,7 @@ class SecureConn:
         (256 MiB download 640 -> 440 MiB/s, fs writes 550 -> 320 MiB/s: the reader then
         wakes for ever smaller pieces)."""
         if self._bulk:
-            chunk = memoryview(self.stream.recv(_RECV_CHUNK))
+            chunk = self.stream.recv(_RECV_CHUNK)
             # only keystroke-sized traffic ends bulk mode; a stream without recv_into stays in it
             self._bulk = len(chunk) >= 1024 or self._no_small
             return chunk
