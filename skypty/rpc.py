@@ -470,14 +470,15 @@ class RPCServer:
             except Exception:
                 log.exception("rpc: on_close callback failed")
         self._on_close = []
-        for w, *_ in self._parked:
+        parked, self._parked = self._parked, []
+        for w, _m, sm, _seq, ticket in parked:
             if w.release is not None:
                 try:
                     w.release()
                 except Exception:
                     log.exception("rpc: releasing a parked call failed")
             w._drop()
-        self._parked = []
+            self._done_turn(sm, ticket)   # a call queued behind it must not wait for ever
         with self._tlock:
             threads = list(self._threads)
             for _ in threads:   # one stop mark per worker: idle ones leave now, busy ones after their call

@@ -1048,3 +1048,29 @@ def test_rpc_marks_secure_conns_for_small_reads(pair):
     finally:
         client.close()
         srv.stop()
+
+
+def test_calls_queued_behind_a_parked_one_end_with_the_connection(pair, pipe):
+    """Pipelined calls of an ordered method wait (on workers) for the parked first one; when
+    the client goes, the parked call is released and the queued ones get their turn, so the
+    server finishes at once instead of after RPC_DRAIN_TIMEOUT."""
+    a, b = pair
+    r, w = pipe
+    released = []
+
+    def make(x):
+        return rpc.Wait([r], lambda: os.read(r, 1), lambda: released.append(x))
+
+    def fn(x):
+        return b"worker"
+    srv = ServerThread(b, [("s", [rpc.Method("Get", T.INT, T.BYTES, fn, ordered=True, now=make), _ping()])])
+    client = rpc.RPCClient(a)
+    for i in range(3):
+        client.go("s.Get", T.INT, i, T.BYTES, callback=lambda c: None)
+    assert client.call("s.Ping", T.INT, 1, T.INT, timeout=5) == 2   # all three were read
+    t0 = time.monotonic()
+    client.close()
+    srv.thread.join(10)
+    assert not srv.thread.is_alive(), "serve() still waiting for calls queued behind the parked one"
+    assert time.monotonic() - t0 < 5
+    assert released == [0]
