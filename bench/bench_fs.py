@@ -77,7 +77,32 @@ def _drop_caches() -> None:
 
 # ---------------------------------------------------------------------------------- the peers
 
-class SkyptyPeer:
+class _MountPeer:
+    """A server process plus the mount processes started against it (mnt -> Popen)."""
+
+    server: Optional[subprocess.Popen] = None
+    mounts: Dict[str, subprocess.Popen]
+
+    def _ask_umount(self, mnt: str) -> None:
+        """The peer's own way to unmount, tried before fusermount."""
+
+    def umount(self, mnt: str) -> None:
+        self._ask_umount(mnt)
+        _unmount(mnt)
+        p = self.mounts.pop(mnt, None)
+        if p is not None:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                _stop(p)
+
+    def close(self) -> None:
+        for mnt in list(self.mounts):
+            self.umount(mnt)
+        _stop(self.server)
+
+
+class SkyptyPeer(_MountPeer):
     name = "skypty"
 
     def __init__(self, work: str, srv: str) -> None:
@@ -91,7 +116,7 @@ class SkyptyPeer:
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"sk": hsk.hex(), "pk": self.hpk.hex(), "wl": [self.cpk.hex()]}, f)
-        self.host = subprocess.Popen(
+        self.server = subprocess.Popen(
             SKYPTY + ["cli", "pty", "host", "-l", f"127.0.0.1:{self.port}", "-c", conf,
                       "--allow", self.cpk.hex(), "--sftp-root", srv, "--log-level", "warn"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,23 +130,11 @@ class SkyptyPeer:
         self.mounts[mnt] = p
         _wait_mounted(mnt, p)
 
-    def umount(self, mnt: str) -> None:
+    def _ask_umount(self, mnt: str) -> None:
         subprocess.run(SKYPTY + ["cli", "pty", "fs", "umount", mnt], capture_output=True, timeout=30)
-        _unmount(mnt)
-        p = self.mounts.pop(mnt, None)
-        if p is not None:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                _stop(p)
-
-    def close(self) -> None:
-        for mnt in list(self.mounts):
-            self.umount(mnt)
-        _stop(self.host)
 
 
-class SshfsPeer:
+class SshfsPeer(_MountPeer):
     name = "sshfs"
 
     @staticmethod
@@ -154,7 +167,7 @@ class SshfsPeer:
                     "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin yes\n"
                     f"Subsystem sftp {sftp_server}\n")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation directory
-        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg],
+        self.server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port)
         self.mounts: Dict[str, subprocess.Popen] = {}
@@ -169,19 +182,6 @@ class SshfsPeer:
         self.mounts[mnt] = p
         _wait_mounted(mnt, p)
 
-    def umount(self, mnt: str) -> None:
-        _unmount(mnt)
-        p = self.mounts.pop(mnt, None)
-        if p is not None:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                _stop(p)
-
-    def close(self) -> None:
-        for mnt in list(self.mounts):
-            self.umount(mnt)
-        _stop(self.sshd)
 
 
 # ---------------------------------------------------------------------------------- phases

@@ -216,30 +216,25 @@ class SFTPLink(paramiko.SFTPClient):
         with self._slock:
             if self.dead is not None:
                 return   # the request was failed together with the link
-            if defer:
-                self._deferred.append(pkt)
-                return
-            if self._deferred:   # deferred packets go first: the order on the wire is kept
-                self._deferred.append(pkt)
-                pkt = b"".join(self._deferred)
-                self._deferred = []
-            try:
-                self._conn.sendall(pkt)
-            except (OSError, EOFError) as e:
-                self._fail(f"send failed: {getattr(e, 'strerror', None) or e}")
+            self._deferred.append(pkt)   # behind any deferred ones: the order on the wire is kept
+            if not defer:
+                self._write_deferred()
 
     def flush(self) -> None:
         """Send what was deferred (one write for all of it)."""
         if self._deferred:
             with self._slock:
-                if not self._deferred or self.dead is not None:
-                    return
-                pkt = b"".join(self._deferred)
-                self._deferred = []
-                try:
-                    self._conn.sendall(pkt)
-                except (OSError, EOFError) as e:
-                    self._fail(f"send failed: {getattr(e, 'strerror', None) or e}")
+                if self._deferred and self.dead is None:
+                    self._write_deferred()
+
+    def _write_deferred(self) -> None:
+        """One sendall of every deferred packet; the caller holds _slock."""
+        pkt = b"".join(self._deferred)
+        self._deferred = []
+        try:
+            self._conn.sendall(pkt)
+        except (OSError, EOFError) as e:
+            self._fail(f"send failed: {getattr(e, 'strerror', None) or e}")
 
     def submit(self, t: int, *args, cb=None, defer: bool = False) -> _Req:
         """Send one request; its answer arrives through `cb(req)` or `req.wait()`.

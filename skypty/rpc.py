@@ -23,7 +23,7 @@ from .gob import DEFAULT_FIRST_ID, EMPTY, Decoder, Encoder, GobType
 from .gobtypes import RPC_REQUEST, RPC_RESPONSE
 
 __all__ = [
-    "RPCError", "RPCClosedError", "RPCTimeout", "Method", "Later", "Wait", "RPCServer", "RPCClient",
+    "RPCError", "RPCClosedError", "RPCTimeout", "Method", "Later", "Wait", "AGAIN", "RPCServer", "RPCClient",
     "BufferedReader",
 ]
 
@@ -60,16 +60,12 @@ class Wait:
     """What a Method's `now` returns when the call waits for input on file descriptors.
 
     The connection's reading thread polls `fds` beside the connection itself and calls
-    `ready()` once one is readable: it returns the reply, raises, or returns a Wait again
-    (nothing there after all). A connection without a fileno() hands the call to a worker,
-    which does the same polling. `release()` runs if the connection ends first. Only an
-    ordered method may wait this way, so at most one call per method is parked. The fds
-    should include one that fires when the call must end (the pty's stop pipe, which the
-    connection's end triggers): on a worker nothing else ends the wait.
-
-    A Wait is used once: when its call is over the server drops ready/release, which may
-    well refer back to the Wait (a cycle only the garbage collector would otherwise free,
-    one per keystroke)."""
+    `ready()` once one is readable: it returns the reply, raises, or returns AGAIN (nothing
+    there after all: keep waiting). A connection without a fileno() hands the call to a
+    worker, which does the same polling. `release()` runs if the connection ends first.
+    Only an ordered method may wait this way, so at most one call per method is parked.
+    The fds should include one that fires when the call must end (the pty's stop pipe,
+    which the connection's end triggers): on a worker nothing else ends the wait."""
 
     __slots__ = ("fds", "ready", "release")
 
@@ -77,26 +73,19 @@ class Wait:
                  release: Optional[Callable[[], Any]] = None):
         self.fds, self.ready, self.release = tuple(fds), ready, release
 
-    def _drop(self) -> None:
-        self.ready = self.release = None   # type: ignore[assignment]
-
     def block(self) -> Any:
         """ready()'s final reply, polling on this thread."""
-        w: Any = self
-        while isinstance(w, Wait):
-            p = select.poll()
-            for fd in w.fds:
-                p.register(fd, select.POLLIN)
+        p = select.poll()
+        for fd in self.fds:
+            p.register(fd, select.POLLIN)
+        while True:
             p.poll()
-            try:
-                nxt = w.ready()
-            except BaseException:
-                w._drop()
-                raise
-            if nxt is not w:
-                w._drop()
-            w = nxt
-        return w
+            reply = self.ready()
+            if reply is not AGAIN:
+                return reply
+
+
+AGAIN = object()   # what Wait.ready() returns when the call is to go on waiting
 
 
 class Method:
@@ -341,7 +330,6 @@ class RPCServer:
         if isinstance(reply, Wait):
             if not m.ordered:
                 reply.release and reply.release()
-                reply._drop()
                 self._send(sm, seq, f"rpc: {sm} may not wait unordered", EMPTY, {})
                 return None
             if self._fileno is None:
@@ -388,15 +376,11 @@ class RPCServer:
         try:
             reply = w.ready()
         except Exception as e:
-            w._drop()
             self._send(sm, seq, str(e) or type(e).__name__, EMPTY, {})
         else:
-            if isinstance(reply, Wait):
-                if reply is not w:
-                    w._drop()
-                self._parked.append((reply, m, sm, seq, ticket))
+            if reply is AGAIN:
+                self._parked.append((w, m, sm, seq, ticket))
                 return
-            w._drop()
             self._send(sm, seq, "", m.reply_type, reply)
         self._done_turn(sm, ticket)
 
@@ -477,7 +461,6 @@ class RPCServer:
                     w.release()
                 except Exception:
                     log.exception("rpc: releasing a parked call failed")
-            w._drop()
             self._done_turn(sm, ticket)   # a call queued behind it must not wait for ever
         with self._tlock:
             threads = list(self._threads)
@@ -493,22 +476,6 @@ class RPCServer:
         _shutdown(self._conn)
 
 
-class _NoEvent:
-    __slots__ = ()
-
-    def set(self) -> None:
-        pass
-
-    def is_set(self) -> bool:
-        return False
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        raise RuntimeError("a call with a callback cannot be waited for")
-
-
-_NO_EVENT = _NoEvent()
-
-
 class _Call:
     """One call in flight (what RPCClient.go returns): wait() gives its reply or raises."""
 
@@ -518,7 +485,7 @@ class _Call:
         self.method = method
         self.reply_type = reply_type
         # a callback call is never waited for: no Event (a Condition and a Lock) per keystroke
-        self.event: Any = threading.Event() if callback is None else _NO_EVENT
+        self.event = threading.Event() if callback is None else None
         self.reply: Any = None
         self.error: Optional[BaseException] = None
         self.callback = callback
@@ -526,7 +493,8 @@ class _Call:
         self._seq = -1
 
     def _done(self) -> None:
-        self.event.set()
+        if self.event is not None:
+            self.event.set()
         cb = self.callback
         if cb is not None:
             try:
@@ -535,6 +503,8 @@ class _Call:
                 log.exception("rpc %s: reply callback failed", self.method)
 
     def wait(self, timeout: Optional[float] = None) -> Any:
+        if self.event is None:
+            raise RuntimeError("a call with a callback cannot be waited for")
         if not self.event.wait(timeout):
             c = self._client
             if c is not None:

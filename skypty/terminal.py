@@ -61,6 +61,10 @@ class EscapeFilter:
         self.pending = False   # saw '~' at a line start, waiting for the next byte
 
     def feed(self, data: bytes) -> Tuple[bytes, bool]:
+        if not self.pending and b"~" not in data:   # the usual case (and a paste): no byte loop
+            if data:
+                self.at_line_start = data[-1] in (0x0D, 0x0A)
+            return bytes(data), False
         out = bytearray()
         for b in data:
             if self.pending:

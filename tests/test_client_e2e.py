@@ -42,6 +42,37 @@ def test_escape_filter():
     assert f.feed(b"\r~.rest") == (b"\r", True)
     f = EscapeFilter()
     assert f.feed(b"a~.") == (b"a~.", False)
+    f = EscapeFilter()
+    assert f.feed(b"no tilde\n") == (b"no tilde\n", False)   # the no-loop path keeps line state
+    assert f.feed(b"~.") == (b"", True)
+    f = EscapeFilter()
+    assert f.feed(b"x") == (b"x", False)
+    assert f.feed(b"~.") == (b"~.", False)
+
+
+def test_escape_filter_any_chunking():
+    """However input is split into reads, the filter sends the same bytes and stops at the
+    same `~.` as when fed one byte at a time."""
+    import random
+
+    rnd = random.Random(7)
+    for _ in range(300):
+        data = bytes(rnd.choice(b"ab~.\r\n") for _ in range(rnd.randrange(0, 40)))
+        one, stop1 = bytearray(), False
+        f = EscapeFilter()
+        for i in range(len(data)):
+            out, stop1 = f.feed(data[i:i + 1])
+            one += out
+            if stop1:
+                break
+        chunked, stop2, pos = bytearray(), False, 0
+        g = EscapeFilter()
+        while pos < len(data) and not stop2:
+            n = rnd.randrange(1, 8)
+            out, stop2 = g.feed(data[pos:pos + n])
+            chunked += out
+            pos += n
+        assert (bytes(chunked), stop2) == (bytes(one), stop1), data
 
 
 def test_exec_stream_frames_any_chunking():

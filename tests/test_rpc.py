@@ -592,10 +592,9 @@ def _pipe_wait(r, log_, release=None, until=None):
         log_.append(threading.current_thread())
         got.extend(os.read(r, 100))
         if until is not None and until not in got:
-            return w
+            return rpc.AGAIN
         return bytes(got)
-    w = rpc.Wait([r], ready, release)
-    return w
+    return rpc.Wait([r], ready, release)
 
 
 def test_now_reply_comes_from_the_serve_thread(pair):
@@ -689,11 +688,10 @@ def test_wait_ready_may_wait_again(pair, pipe):
         def ready():
             calls["n"] += 1
             if calls["n"] == 1:
-                return wait            # spurious: drains nothing, the same Wait again
+                return rpc.AGAIN       # spurious: drains nothing, waits on
             got.extend(os.read(r, 100))
-            return bytes(got) if b"\n" in got else wait
-        wait = rpc.Wait([r], ready)
-        return wait
+            return bytes(got) if b"\n" in got else rpc.AGAIN
+        return rpc.Wait([r], ready)
     srv = ServerThread(b, [("s", [rpc.Method("Line", T.INT, T.BYTES, lambda x: b"", ordered=True, now=now),
                                   _ping()])])
     client = rpc.RPCClient(a)

@@ -145,10 +145,7 @@ class PtyGateway:
 
     def read(self, n: int) -> bytes:
         """Block until the pty has output (a worker's Read)."""
-        w = self.read_now(n)
-        from skypty.rpc import Wait
-
-        return w.block() if isinstance(w, Wait) else w
+        return self.read_now(n).block()
 
     def read_now(self, n: int):
         """An rpc.Wait on the master (and the stop pipe) that the connection's thread polls:
@@ -159,7 +156,7 @@ class PtyGateway:
             raise PtyError(f"invalid read size: {n}")
         n = min(n, limits.PTY_READ_MAX)
         proc, fd = self._use()
-        from skypty.rpc import Wait
+        from skypty.rpc import AGAIN, Wait
 
         def ready():
             try:
@@ -168,12 +165,11 @@ class PtyGateway:
                 proc.release()
                 raise
             if got is None:
-                return wait
+                return AGAIN
             proc.release()
             return got
 
-        wait = Wait((fd, proc.wake_r), ready, proc.release)
-        return wait
+        return Wait((fd, proc.wake_r), ready, proc.release)
 
     @staticmethod
     def _try_read(proc: "_PtyProc", fd: int, n: int) -> Optional[bytes]:
