@@ -25,7 +25,7 @@ __all__ = [
     "GobType", "Basic", "Struct", "Slice", "Array", "Map", "Ptr", "BinaryMarshaler",
     "BOOL", "INT", "INT8", "INT16", "INT32", "INT64", "UINT", "UINT8", "UINT16", "UINT32",
     "UINT64", "FLOAT", "STRING", "BYTES", "EMPTY",
-    "Encoder", "Decoder", "dumps", "loads", "zero_value",
+    "Encoder", "Decoder", "BufferedReader", "dumps", "loads", "zero_value",
     "FIRST_USER_ID", "DEFAULT_FIRST_ID",
 ]
 
@@ -347,7 +347,11 @@ def _is_zero_fn(t: GobType) -> Optional[Callable[[Any], bool]]:
         return lambda v: v is None or not any(v)
     if k in ("map", "ptr"):
         return lambda v: v is None
-    return lambda v: not v   # bool, ints, float, string, bytes, slice
+    return _FALSY   # bool, ints, float, string, bytes, slice
+
+
+def _FALSY(v: Any) -> bool:   # the struct encoder tests `not v` inline when it sees this one
+    return not v
 
 
 def _build_encoder(t: GobType) -> _Enc:
@@ -356,18 +360,27 @@ def _build_encoder(t: GobType) -> _Enc:
         def enc(v: Any, out: List[bytes]) -> None:
             out.append(b"\x01" if v else b"\x00")
     elif k == "int":
+        lo, hi = t.lo, t.hi  # type: ignore[attr-defined]
+
         def enc(v: Any, out: List[bytes]) -> None:
-            out.append(_enc_int(_ranged(t, v)))  # type: ignore[arg-type]
+            if type(v) is not int or not lo <= v <= hi:
+                v = _ranged(t, v)  # type: ignore[arg-type]   # raises, or accepts an int subclass
+            out.append(_enc_uint((v << 1) if v >= 0 else (((~v) << 1) | 1)))
     elif k == "uint":
+        lo, hi = t.lo, t.hi  # type: ignore[attr-defined]
+
         def enc(v: Any, out: List[bytes]) -> None:
-            out.append(_enc_uint(_ranged(t, v)))  # type: ignore[arg-type]
+            if type(v) is not int or not lo <= v <= hi:
+                v = _ranged(t, v)  # type: ignore[arg-type]
+            out.append(_SMALL[v] if v < 0x80 else _enc_uint(v))
     elif k == "float":
         def enc(v: Any, out: List[bytes]) -> None:
             out.append(_enc_uint(_float_bits(float(v))))
     elif k == "string":
         def enc(v: Any, out: List[bytes]) -> None:
             b = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
-            out.append(_enc_uint(len(b)))
+            n = len(b)
+            out.append(_SMALL[n] if n < 0x80 else _enc_uint(n))
             out.append(b)
     elif k in ("bytes", "bm"):
         size = getattr(t, "size", None)
@@ -380,7 +393,7 @@ def _build_encoder(t: GobType) -> _Enc:
             n = len(v) if not isinstance(v, memoryview) else v.nbytes
             if size is not None and n != size:
                 raise ValueError(f"gob: {t.name} must be {size} bytes, got {n}")
-            out.append(_enc_uint(n))
+            out.append(_SMALL[n] if n < 0x80 else _enc_uint(n))
             out.append(v)
     elif k == "ptr":
         inner = _value_encoder(t.elem)  # type: ignore[attr-defined]
@@ -443,7 +456,10 @@ def _build_encoder(t: GobType) -> _Enc:
             last = -1
             for i, fname, fenc, is_zero, ft in plan:
                 fv = get(fname)
-                if is_zero is not None:
+                if is_zero is _FALSY:
+                    if not fv:
+                        continue
+                elif is_zero is not None:
                     if fv is None or is_zero(fv):
                         continue
                 elif fv is None:
@@ -500,7 +516,7 @@ class Encoder:
         self._new_ids: List[GobType] = []
         self._new_sent: List[GobType] = []
         # per type already defined on this stream: (value prefix, value encoder, is pointer)
-        self._ready: Dict[GobType, Tuple[bytes, _Enc, bool]] = {}
+        self._ready: Dict[int, Tuple[GobType, bytes, _Enc, bool]] = {}
 
     # id allocation -------------------------------------------------------------------
     def type_id(self, t: GobType) -> int:
@@ -577,28 +593,30 @@ class Encoder:
         ready = self._ready
         out: List[bytes] = []
         for t, value in items:
-            r = ready.get(t)
-            if r is None:
+            r = ready.get(id(t))
+            if r is None or r[0] is not t:
                 return self._encode_many(items)
-            prefix, enc, is_ptr = r
+            _, prefix, enc, is_ptr = r
             if is_ptr and value is None:
                 raise ValueError("gob: cannot encode nil pointer at top level")
             body = [prefix]
             enc(value, body)
             data = b"".join(body)
-            out.append(_enc_uint(len(data)))
+            n = len(data)
+            out.append(_SMALL[n] if n < 0x80 else _enc_uint(n))
             out.append(data)
         return b"".join(out)
 
     def _encode_many(self, items: Sequence[Tuple[GobType, Any]]) -> bytes:
         data = self._encode_defining(items)
         for t, _ in items:   # from now on these need no definitions
-            if t not in self._ready:
+            if id(t) not in self._ready:
                 b = _base(t)
                 prefix = _enc_int(self._ids[b] if not isinstance(b, Basic) else b.wire_id)
                 if not isinstance(b, Struct):
                     prefix += b"\x00"
-                self._ready[t] = (prefix, _value_encoder(b), isinstance(t, Ptr))
+                # keyed by id(t) (hashing a type is a Python call); the entry keeps t alive
+                self._ready[id(t)] = (t, prefix, _value_encoder(b), isinstance(t, Ptr))
         return data
 
     def _encode_defining(self, items: Sequence[Tuple[GobType, Any]]) -> bytes:
@@ -750,6 +768,61 @@ def _parse_wiretype(buf: bytes, pos: int) -> _Wire:
 
 # ----------------------------------------------------------------------------- decoder
 
+class BufferedReader:
+    """A Decoder's source over a socket-like conn: read_exact(n) over conn.recv with a
+    read-ahead buffer (few recv calls per message). Returns fewer than n bytes only at end
+    of stream.
+
+    The buffer is immutable bytes plus an offset: a Decoder given the reader itself (not
+    just its read_exact) takes a message that is already buffered whole with one slice, the
+    common case for rpc traffic."""
+
+    def __init__(self, conn: Any, bufsize: int = 65536):
+        self._conn = conn
+        self._buf = b""
+        self._pos = 0
+        self._bufsize = bufsize
+        self._eof = False
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def fill(self) -> None:
+        """With nothing buffered, one read (the one read_exact would make next)."""
+        if self._pos >= len(self._buf) and not self._eof:
+            chunk = self._conn.recv(self._bufsize)
+            if chunk:
+                self._buf, self._pos = bytes(chunk), 0
+            else:
+                self._eof = True
+
+    def read_exact(self, n: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        end = pos + n
+        if end <= len(buf):
+            self._pos = end
+            return buf[pos:end]
+        parts = [buf[pos:]]
+        got = len(buf) - pos
+        self._buf, self._pos = b"", 0
+        while got < n and not self._eof:
+            # large messages are read in big chunks, but never more than the message needs + a bit
+            chunk = self._conn.recv(max(self._bufsize, min(n - got, 4 << 20)))
+            if not chunk:
+                self._eof = True
+                break
+            need = n - got
+            if len(chunk) > need:   # keep the rest for the next message
+                parts.append(chunk[:need])
+                self._buf, self._pos = bytes(chunk), need
+                got = n
+            else:
+                parts.append(chunk)
+                got += len(chunk)
+        return b"".join(parts)
+
+
+
 _Dec = Callable[[bytes, int, int], Tuple[Any, int]]
 
 
@@ -760,8 +833,10 @@ class Decoder:
     when the stream ends cleanly between messages and errors.ProtocolError on garbage;
     after a framing error `broken` is True and the stream cannot be resynchronised."""
 
-    def __init__(self, read_exact: Callable[[int], bytes], max_message: int = limits.GOB_MAX_MESSAGE):
-        self._read = read_exact
+    def __init__(self, read_exact: "Callable[[int], bytes] | BufferedReader",
+                 max_message: int = limits.GOB_MAX_MESSAGE):
+        self._src = read_exact if isinstance(read_exact, BufferedReader) else None
+        self._read = read_exact.read_exact if self._src is not None else read_exact
         self._max = max_message
         self._wire: Dict[int, _Wire] = {}
         self._def_bytes = 0
@@ -772,6 +847,25 @@ class Decoder:
 
     # framing --------------------------------------------------------------------------
     def _read_message(self) -> bytes:
+        src = self._src
+        if src is not None:   # the whole message in one read (rpc traffic): one slice
+            if src._pos >= len(src._buf):
+                src.fill()
+            buf, pos = src._buf, src._pos
+            if pos < len(buf):
+                n = buf[pos]
+                start = pos + 1
+                if n >= 0x80:
+                    k = 256 - n
+                    if k > 8 or start + k > len(buf):
+                        n = 0   # malformed or cut: the general path below says which
+                    else:
+                        n = int.from_bytes(buf[start:start + k], "big")
+                        start += k
+                end = start + n
+                if 0 < n <= self._max and end <= len(buf):
+                    src._pos = end
+                    return buf[start:end]
         first = self._read(1)   # failing here, before a byte of the message, leaves the stream in sync
         if not first:
             raise EOFError("end of gob stream")
@@ -806,7 +900,14 @@ class Decoder:
             raise ProtocolError("gob: stream is broken")
         while True:
             buf = self._read_message()
-            tid, pos = _rd_int(buf, 0)
+            b = buf[0]
+            if b < 0x80:   # type ids of one or two bytes (ids < 128), inline
+                pos = 1
+            elif b == 0xFF and len(buf) > 1:
+                b, pos = buf[1], 2
+            else:
+                b, pos = _rd_uint(buf, 0)
+            tid = ~(b >> 1) if b & 1 else b >> 1
             if tid < 0:
                 self._define(-tid, buf, pos)
                 continue
@@ -1108,8 +1209,20 @@ def _dec_float(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
 
 
 def _dec_string(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
+    n = buf[pos] if pos < len(buf) else 0x80
+    end = pos + 1 + n
+    if n < 0x80 and end <= len(buf):   # a short one (a method name): inline
+        return str(buf[pos + 1:end], "utf-8", "surrogateescape"), end
     b, pos = _rd_bytes(buf, pos)
     return str(b, "utf-8", "surrogateescape"), pos
+
+
+def _dec_bytes(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
+    n = buf[pos] if pos < len(buf) else 0x80
+    end = pos + 1 + n
+    if n < 0x80 and end <= len(buf):   # a short one (a keystroke, its echo): inline
+        return buf[pos + 1:end], end
+    return _rd_bytes(buf, pos)
 
 
 def _ranged_dec(rd: Callable[[bytes, int], Tuple[int, int]], t: Basic) -> _Dec:
@@ -1118,8 +1231,10 @@ def _ranged_dec(rd: Callable[[bytes, int], Tuple[int, int]], t: Basic) -> _Dec:
     unsigned = rd is _rd_uint
 
     def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-        if unsigned and pos < len(buf) and buf[pos] < 0x80:   # the one-byte case, inline
+        if pos < len(buf) and buf[pos] < 0x80:   # the one-byte case, inline
             v = buf[pos]
+            if not unsigned:
+                v = ~(v >> 1) if v & 1 else v >> 1
             pos += 1
         else:
             v, pos = rd(buf, pos)
@@ -1136,7 +1251,7 @@ def _bytes_dec(exp: Optional[GobType]) -> _Dec:
     if exp.kind == "array":
         size = exp.length  # type: ignore[attr-defined]
     if size is None:
-        return lambda buf, pos, depth: _rd_bytes(buf, pos)
+        return _dec_bytes
 
     def dec(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
         b, pos = _rd_bytes(buf, pos)

@@ -635,6 +635,20 @@ class SecureConn:
         self._bulk = k == _RECV_SMALL
         return buf[:k]
 
+    def _read_record(self) -> Optional[bytes]:
+        """Small traffic: a read that brings exactly one whole record (a keystroke, an rpc
+        reply) is opened straight from the read buffer, skipping both buffers. Anything else
+        is left in the ciphertext buffer for _fill (None)."""
+        buf = self._rbuf
+        if buf is None:
+            buf = self._rbuf = memoryview(bytearray(_RECV_SMALL))
+        k = self.stream.recv_into(buf)
+        self._bulk = k == _RECV_SMALL
+        if k > 2 and k - 2 == ((buf[0] << 8) | buf[1]) <= limits.NOISE_MAX_BODY:
+            return self._recv.open(buf[2:k])
+        self._raw += buf[:k]
+        return None
+
     def recv(self, n: int = 65536) -> bytes:
         """Up to n plaintext bytes; b"" at a clean EOF."""
         if n <= 0:
@@ -648,7 +662,13 @@ class SecureConn:
                 self._plain.clear()
                 self._ppos = 0
                 try:
-                    self._fill()
+                    pt = None if self._bulk or self._raw else self._read_record()
+                    if pt:
+                        if len(pt) <= n:
+                            return pt
+                        self._plain += pt
+                    else:
+                        self._fill()
                 except ProtocolError as e:
                     self._err = e
                     raise

@@ -19,12 +19,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import limits
 from .errors import ProtocolError, SkyptyError
-from .gob import DEFAULT_FIRST_ID, EMPTY, Decoder, Encoder, GobType
+from .gob import DEFAULT_FIRST_ID, EMPTY, BufferedReader, Decoder, Encoder, GobType
 from .gobtypes import RPC_REQUEST, RPC_RESPONSE
 
 __all__ = [
     "RPCError", "RPCClosedError", "RPCTimeout", "Method", "Later", "Wait", "AGAIN", "RPCServer", "RPCClient",
-    "BufferedReader",
 ]
 
 log = logging.getLogger("skypty.rpc")
@@ -112,49 +111,6 @@ class Method:
         return f"Method({self.name!r})"
 
 
-class BufferedReader:
-    """read_exact(n) over conn.recv with a read-ahead buffer (few recv calls per message).
-    Returns fewer than n bytes only at end of stream.
-
-    The buffer is immutable bytes plus an offset: a message already buffered costs one
-    slice, the common case for small rpc messages (a gob message is read in two pieces)."""
-
-    def __init__(self, conn: Any, bufsize: int = 65536):
-        self._conn = conn
-        self._buf = b""
-        self._pos = 0
-        self._bufsize = bufsize
-        self._eof = False
-
-    def buffered(self) -> int:
-        return len(self._buf) - self._pos
-
-    def read_exact(self, n: int) -> bytes:
-        buf, pos = self._buf, self._pos
-        end = pos + n
-        if end <= len(buf):
-            self._pos = end
-            return buf[pos:end]
-        parts = [buf[pos:]]
-        got = len(buf) - pos
-        self._buf, self._pos = b"", 0
-        while got < n and not self._eof:
-            # large messages are read in big chunks, but never more than the message needs + a bit
-            chunk = self._conn.recv(max(self._bufsize, min(n - got, 4 << 20)))
-            if not chunk:
-                self._eof = True
-                break
-            need = n - got
-            if len(chunk) > need:   # keep the rest for the next message
-                parts.append(chunk[:need])
-                self._buf, self._pos = bytes(chunk), need
-                got = n
-            else:
-                parts.append(chunk)
-                got += len(chunk)
-        return b"".join(parts)
-
-
 def _rpc_stream(conn: Any) -> None:
     """Ready a connection for rpc: no socket timeout (sessions idle for hours; a timeout would
     kill one mid-message), and cheap small reads where the stream offers them."""
@@ -200,7 +156,7 @@ class RPCServer:
         self._on_close: List[Callable[[], Any]] = []
         self._enc = Encoder(None, first_id)
         self._reader = BufferedReader(conn)
-        self._dec = Decoder(self._reader.read_exact)
+        self._dec = Decoder(self._reader)
         self._wlock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_inflight)
         # Reusable workers (at most max_inflight, as many as calls ever overlapped): starting
@@ -216,7 +172,11 @@ class RPCServer:
         self._write_failed = False
         # ordered methods: name -> [next ticket, ticket now allowed to run]
         self._tickets: Dict[str, List[int]] = {}
-        self._turn = threading.Condition()
+        # _turn_lock guards the tickets; the Condition on it wakes workers waiting for their
+        # turn, and is only notified when there are any (a keystroke's calls never wait)
+        self._turn_lock = threading.Lock()
+        self._turn = threading.Condition(self._turn_lock)
+        self._turn_waiters = 0
         self._skipped: set = set()
         # calls waiting on fds, polled by the serve thread itself (see Wait)
         self._parked: List[tuple] = []
@@ -272,9 +232,13 @@ class RPCServer:
     def _run(self, m: Method, sm: str, seq: int, arg: Any, ticket: int) -> None:
         try:
             if ticket >= 0:
-                with self._turn:
-                    while self._tickets[sm][1] != ticket:
-                        self._turn.wait()
+                with self._turn_lock:
+                    self._turn_waiters += 1
+                    try:
+                        while self._tickets[sm][1] != ticket:
+                            self._turn.wait()
+                    finally:
+                        self._turn_waiters -= 1
             try:
                 if isinstance(arg, Later):
                     reply = arg.finish()
@@ -292,13 +256,14 @@ class RPCServer:
                 self._done_turn(sm, ticket)
 
     def _done_turn(self, sm: str, ticket: int) -> None:
-        with self._turn:
+        with self._turn_lock:
             tk = self._tickets[sm]
             self._skipped.add((sm, ticket))
             while (sm, tk[1]) in self._skipped:   # a call that never ran passes its turn on too
                 self._skipped.discard((sm, tk[1]))
                 tk[1] += 1
-            self._turn.notify_all()
+            if self._turn_waiters:
+                self._turn.notify_all()
 
     def _worker(self, job: Optional[tuple]) -> None:
         jobs, lock = self._jobs, self._tlock
@@ -334,7 +299,7 @@ class RPCServer:
                 return None
             if self._fileno is None:
                 return reply
-            with self._turn:   # parked, it holds its method's turn like a running call
+            with self._turn_lock:   # parked, it holds its method's turn like a running call
                 tk = self._tickets.setdefault(sm, [0, 0])
                 ticket = tk[0]
                 tk[0] += 1
@@ -387,7 +352,7 @@ class RPCServer:
     def _spawn(self, m: Method, sm: str, seq: int, arg: Any) -> None:
         ticket = -1
         if m.ordered:
-            with self._turn:
+            with self._turn_lock:
                 tk = self._tickets.setdefault(sm, [0, 0])
                 ticket = tk[0]
                 tk[0] += 1
@@ -524,7 +489,7 @@ class RPCClient:
         self._conn = conn
         _rpc_stream(conn)
         self._enc = Encoder(None, first_id)
-        self._dec = Decoder(BufferedReader(conn).read_exact)
+        self._dec = Decoder(BufferedReader(conn))
         self._seq = 0
         self._pending: Dict[int, _Call] = {}
         self._lock = threading.Lock()     # _pending, _dead

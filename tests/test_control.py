@@ -165,7 +165,7 @@ def wl_server(sockdir, tmp_path):
 def _replay_whitelist_transcript(path: str) -> None:
     """Send the Go dmsgpty-cli's bytes; decode our reply stream and compare values with Go's."""
     from skypty import gob, gobtypes
-    from skypty.rpc import BufferedReader
+    from skypty.gob import BufferedReader
 
     c2s = bytes.fromhex(WL_SCENARIO["c2s_stream_hex"])
     sock = dial_control("unix", path)

@@ -555,3 +555,61 @@ def test_huge_type_definitions_are_refused():
         gob.loads(wide, data)
     ok = gob.Struct("Ok", [(f"F{i:06d}", gob.INT) for i in range(1_000)])
     assert gob.loads(ok, gob.dumps(ok, {"F000007": 7}))["F000007"] == 7
+
+
+class _Chunks:
+    """A conn whose recv hands out the stream in the given piece sizes (cycled)."""
+
+    def __init__(self, data: bytes, sizes):
+        self.data, self.sizes, self.pos, self.i = data, list(sizes), 0, 0
+
+    def recv(self, n):
+        k = min(n, self.sizes[self.i % len(self.sizes)])
+        self.i += 1
+        out = self.data[self.pos:self.pos + k]
+        self.pos += len(out)
+        return out
+
+
+@pytest.mark.parametrize("sc", SCENARIOS, ids=lambda s: s["scenario"])
+def test_decoder_over_a_buffered_reader_any_split(sc):
+    """Given the BufferedReader itself, the Decoder takes messages already buffered whole with
+    one slice: the Go streams decode the same however the reads split them (one byte at a
+    time, odd sizes, all at once), and a cut stream still fails as a broken one."""
+    data = stream_after_preamble(sc, "s2c")
+    want = []
+    plain = gob.Decoder(io.BytesIO(data).read)
+    for call in sc["calls"]:
+        want.append(plain.decode(T.RPC_RESPONSE))
+        rt = method_types(sc["scenario"], call["method"])[1]
+        want.append(plain.decode(T.EMPTY if call["error"] else rt))
+    for sizes in ([1], [3, 1, 7], [64], [len(data)]):
+        dec = gob.Decoder(gob.BufferedReader(_Chunks(data, sizes)))
+        got = []
+        for call in sc["calls"]:
+            got.append(dec.decode(T.RPC_RESPONSE))
+            rt = method_types(sc["scenario"], call["method"])[1]
+            got.append(dec.decode(T.EMPTY if call["error"] else rt))
+        assert got == want
+        with pytest.raises(EOFError):
+            dec.decode(None)
+    dec = gob.Decoder(gob.BufferedReader(_Chunks(data[:-1], [len(data)])))
+    with pytest.raises(ProtocolError):
+        while True:
+            dec.decode(None)
+    assert dec.broken
+
+
+def test_decoder_fast_path_lengths_and_limits():
+    """Multi-byte length prefixes are taken from the buffer too; a length over the cap or a
+    malformed prefix is refused exactly as on the reading path."""
+    big = gob.dumps(T.BYTES, b"x" * 300)            # a two-byte length prefix (0xFE ..)
+    small = gob.dumps(T.BYTES, b"y")
+    dec = gob.Decoder(gob.BufferedReader(_Chunks(big + small, [len(big) + len(small)])))
+    assert dec.decode(T.BYTES) == b"x" * 300 and dec.decode(T.BYTES) == b"y"
+    capped = gob.Decoder(gob.BufferedReader(_Chunks(big, [len(big)])), max_message=100)
+    with pytest.raises(ProtocolError, match="out of range"):
+        capped.decode(T.BYTES)
+    bad = gob.Decoder(gob.BufferedReader(_Chunks(b"\xf0" + b"\x00" * 20, [21])))
+    with pytest.raises(ProtocolError, match="bad message length"):
+        bad.decode(T.BYTES)

@@ -426,6 +426,50 @@ def test_many_small_records_in_one_read_and_partial_recv():
             conn.recv_exact(1)
 
 
+def test_one_record_reads_keep_every_rule():
+    """Small reads (rpc) open a read that is exactly one record straight from the read buffer:
+    the same rules hold there: a partial recv keeps the rest, an empty record is skipped, a
+    tampered or replayed record is fatal and stays so, and an oversize length is refused."""
+    a, conn, send = _keyed_pair()
+    conn.prefer_small_reads()
+    with a, conn:
+        a.sendall(_frame(send.seal(b"0123456789")))
+        assert conn.recv(4) == b"0123" and conn.recv(100) == b"456789"
+        a.sendall(_frame(send.seal(b"")))
+        a.sendall(_frame(send.seal(b"after empty")))
+        assert conn.recv(100) == b"after empty"
+        replay = _frame(send.seal(b"once"))
+        a.sendall(replay)
+        assert conn.recv(100) == b"once"
+        a.sendall(replay)
+        with pytest.raises(ProtocolError, match="not larger"):
+            conn.recv(100)
+        a.sendall(_frame(send.seal(b"later")))
+        with pytest.raises(ProtocolError, match="not larger"):   # sticky
+            conn.recv(100)
+    a, conn, send = _keyed_pair()
+    conn.prefer_small_reads()
+    with a, conn:
+        body = bytearray(send.seal(b"secret"))
+        body[-1] ^= 1
+        a.sendall(_frame(bytes(body)))
+        with pytest.raises(ProtocolError, match="authentication"):
+            conn.recv(100)
+    a, conn, _ = _keyed_pair()
+    conn.prefer_small_reads()
+    with a, conn:
+        a.sendall(struct.pack(">H", limits.NOISE_MAX_BODY + 1) + b"\x00" * (limits.NOISE_MAX_BODY + 1))
+        with pytest.raises(ProtocolError, match="exceeds the maximum"):
+            conn.recv(10)
+    a, conn, send = _keyed_pair()
+    conn.prefer_small_reads()
+    with a, conn:
+        a.sendall(_frame(send.seal(b"last")))
+        a.shutdown(socket.SHUT_WR)
+        assert conn.recv(100) == b"last"
+        assert conn.recv(100) == b""
+
+
 def test_tampered_frame_is_fatal():
     a, conn, send = _keyed_pair()
     with a, conn:

@@ -86,7 +86,7 @@ def test_server_with_default_ids_gives_same_values(sc, pair):
     srv = ServerThread(ours, scripted_services(sc))
     try:
         go_client.sendall(b"".join(bytes.fromhex(c["c2s_hex"]) for c in sc["calls"][:1]))
-        dec = gob.Decoder(rpc.BufferedReader(go_client).read_exact)
+        dec = gob.Decoder(gob.BufferedReader(go_client).read_exact)
         call = sc["calls"][0]
         hdr = dec.decode(T.RPC_RESPONSE)
         assert hdr == {"ServiceMethod": call["method"], "Seq": call["seq"], "Error": call["error"] or ""}
@@ -187,7 +187,7 @@ def test_replies_out_of_order_on_the_wire(pair):
         a.sendall(enc.encode_many([(T.RPC_REQUEST, {"ServiceMethod": "pty.Read", "Seq": 0}), (T.INT, 5)]))
         assert st["started"].wait(20)
         a.sendall(enc.encode_many([(T.RPC_REQUEST, {"ServiceMethod": "pty.Write", "Seq": 1}), (T.BYTES, b"abc")]))
-        dec = gob.Decoder(rpc.BufferedReader(a).read_exact)
+        dec = gob.Decoder(gob.BufferedReader(a).read_exact)
         assert dec.decode(T.RPC_RESPONSE)["Seq"] == 1
         assert dec.decode(T.INT) == 3
         st["release"].set()
@@ -230,7 +230,7 @@ def test_unknown_method_reply_bytes_match_go(pair):
         enc = gob.Encoder(None, 64)
         a.sendall(enc.encode_many([(T.RPC_REQUEST, {"ServiceMethod": "pty.StartSession", "Seq": 0}),
                                    (T.CommandReq, {"Name": "/bin/bash"})]))
-        dec = gob.Decoder(rpc.BufferedReader(a).read_exact)
+        dec = gob.Decoder(gob.BufferedReader(a).read_exact)
         assert dec.decode(T.RPC_RESPONSE)["Error"] == "rpc: can't find method pty.StartSession"
         assert dec.decode(T.EMPTY) == {}
     finally:
@@ -389,7 +389,7 @@ def test_buffered_reader_exact_and_eof():
 
         def recv(self, n):
             return self.f.read(min(n, 777))
-    r = rpc.BufferedReader(Src(), bufsize=1000)
+    r = gob.BufferedReader(Src(), bufsize=1000)
     assert r.read_exact(10) == data[:10]
     assert r.read_exact(100000) == data[10:100010]
     assert r.read_exact(10 ** 6) == data[100010:]
@@ -433,7 +433,7 @@ def test_ordered_method_keeps_arrival_order(pair):
         n = 200
         a.sendall(b"".join(enc.encode_many([(T.RPC_REQUEST, {"ServiceMethod": "pty.Write", "Seq": i}),
                                             (T.BYTES, str(i).encode())]) for i in range(1, n + 1)))
-        dec = gob.Decoder(rpc.BufferedReader(a).read_exact)
+        dec = gob.Decoder(gob.BufferedReader(a).read_exact)
         seqs = []
         for _ in range(n):
             seqs.append(dec.decode(T.RPC_RESPONSE)["Seq"])

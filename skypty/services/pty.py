@@ -25,6 +25,7 @@ from typing import Dict, Optional, Tuple
 
 from skypty import limits
 from skypty.errors import SkyptyError
+from skypty.rpc import AGAIN, Later, Wait
 from skypty.services.exec import SpawnError, describe_peer, kill_session, merge_env, resolve_command, run_exec
 
 __all__ = ["PTY_RPC_NAME", "PtyError", "PtyGateway", "pty_service", "pty_factory", "stop_all"]
@@ -156,7 +157,6 @@ class PtyGateway:
             raise PtyError(f"invalid read size: {n}")
         n = min(n, limits.PTY_READ_MAX)
         proc, fd = self._use()
-        from skypty.rpc import AGAIN, Wait
 
         def ready():
             try:
@@ -212,7 +212,6 @@ class PtyGateway:
         done = self._write(data, wait=False)
         if done == len(data):
             return done
-        from skypty.rpc import Later
         rest = data[done:]
         return Later(lambda: done + self._write(rest, wait=True))
 
