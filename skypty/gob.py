@@ -822,7 +822,6 @@ class BufferedReader:
         return b"".join(parts)
 
 
-
 _Dec = Callable[[bytes, int, int], Tuple[Any, int]]
 
 
