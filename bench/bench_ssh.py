@@ -137,6 +137,25 @@ class SSHPeer(Peer):
         stop_process(self.proc)
 
 
+class RelayPeer(Peer):
+    """Reference, not skypty: bench/_relay.py, a pure-Python terminal relay without any of
+    skypty's layers. Its echo latency is the floor for a Python peer on this machine."""
+
+    name = "py-relay"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.script = os.path.join(ROOT, "bench", "_relay.py")
+        self.proc = subprocess.Popen([PY, self.script, "host", str(self.port)])
+        wait_port(self.port)
+
+    def shell_cmd(self) -> List[str]:
+        return [PY, self.script, "client", str(self.port)]
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
 # ---------------------------------------------------------------------------------- measures
 
 def _run_ok(cmd: List[str], stdout=subprocess.DEVNULL, timeout: float = 600.0) -> None:
@@ -344,15 +363,23 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         # Two ways, both reported: each peer alone (the other idle), and the peers in turns
         # keystroke by keystroke (machine noise lands on both alike; but what a peer does
         # after its echo, e.g. our next Read, then overlaps the other's keystroke).
-        both_peers = [sky] + ([ssh] if ssh else [])
+        # The relay (reference, not skypty) is measured the same way: the floor for Python.
+        relay = _try(RelayPeer, "py-relay")
+        if relay is not None:
+            peers["py-relay"] = relay
+        both_peers = [sky] + ([ssh] if ssh else []) + ([relay] if relay else [])
         for how, measure in (("alone", lambda: [echo_latency_pair([p], opts.echo)[0] for p in both_peers]),
                              ("in turns", lambda: echo_latency_pair(both_peers, opts.echo))):
             lat = _try(measure, f"echo latency {how}") or [None]
-            lat_s, lat_o = lat[0], (lat[1] if len(lat) > 1 else None)
+            lat_s, lat_o = lat[0], (lat[1] if ssh and len(lat) > 1 else None)
+            lat_r = lat[-1] if relay and len(lat) == len(both_peers) else None
             rows.append(_row(f"echo latency p50 (interactive pty, {how})", "ms", lat_s and lat_s[0],
                              lat_o and lat_o[0], "-"))
             rows.append(_row(f"echo latency p99 (interactive pty, {how})", "ms", lat_s and lat_s[1],
                              lat_o and lat_o[1], "<= 1.5x ssh"))
+            for i, q in ((0, "p50"), (1, "p99")):
+                rows.append(_row(f"reference: echo {q}, pure-Python relay ({how}) in the skypty column",
+                                 "ms", lat_r and lat_r[i], lat_o and lat_o[i], "the floor for a Python peer"))
         s, o = both(concurrent, opts.conc)
         rows.append(_row(f"{opts.conc} concurrent execs, wall (CLI processes)", "s", s, o, "all succeed"))
         ci = _try(lambda: concurrent_inproc(sky, opts.conc), "skypty in-process concurrency")

@@ -57,7 +57,20 @@ def machine_facts() -> str:
     except OSError:
         pass
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()} {cpu}; "
-            f"{os.cpu_count()} cores; Python {platform.python_version()}; {platform.platform()}")
+            f"{os.cpu_count()} cores; Python {platform.python_version()}; {platform.platform()}; "
+            f"speed: {_loop_ms():.1f} ms per 1M-iteration Python loop")
+
+
+def _loop_ms() -> float:
+    """How fast this machine runs Python right now (median of 5): shared VMs vary by 2x over
+    a day, so two results files are comparable only next to this."""
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(1_000_000):
+            pass
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[2] * 1000
 
 
 def main() -> int:
