@@ -378,8 +378,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             rows.append(_row(f"echo latency p99 (interactive pty, {how})", "ms", lat_s and lat_s[1],
                              lat_o and lat_o[1], "<= 1.5x ssh"))
             for i, q in ((0, "p50"), (1, "p99")):
-                rows.append(_row(f"reference: echo {q}, pure-Python relay ({how}) in the skypty column",
-                                 "ms", lat_r and lat_r[i], lat_o and lat_o[i], "the floor for a Python peer"))
+                row = _row(f"reference: echo {q}, pure-Python relay ({how}) in the skypty column",
+                           "ms", lat_r and lat_r[i], lat_o and lat_o[i], "-")
+                row["note"] = "not skypty: the floor for a Python peer"
+                rows.append(row)
         s, o = both(concurrent, opts.conc)
         rows.append(_row(f"{opts.conc} concurrent execs, wall (CLI processes)", "s", s, o, "all succeed"))
         ci = _try(lambda: concurrent_inproc(sky, opts.conc), "skypty in-process concurrency")

@@ -56,9 +56,19 @@ def machine_facts() -> str:
                     break
     except OSError:
         pass
-    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()} {cpu}; "
-            f"{os.cpu_count()} cores; Python {platform.python_version()}; {platform.platform()}; "
-            f"speed: {_loop_ms():.1f} ms per 1M-iteration Python loop")
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {_commit()}; "
+            f"{platform.machine()} {cpu}; {os.cpu_count()} cores; Python {platform.python_version()}; "
+            f"{platform.platform()}; speed: {_loop_ms():.1f} ms per 1M-iteration Python loop")
+
+
+def _commit() -> str:
+    import subprocess
+    try:
+        r = subprocess.run(["git", "-C", os.path.dirname(HERE), "describe", "--always", "--dirty"],
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
 
 
 def _loop_ms() -> float:
