@@ -7,6 +7,7 @@ the web server (cold start is a budget, see bench/).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -44,8 +45,38 @@ def default_cliaddr() -> str:
     return os.path.join(tempfile.gettempdir(), "pty.sock")
 
 
+# Building the tree is on every command's cold start. argparse looks up each of its messages
+# with gettext, which searches the locale directories every time (stat calls: ~40 % of the
+# build), and sizes the terminal for every argument: remember both (one answer per process).
+argparse._ = functools.lru_cache(maxsize=None)(argparse._)
+
+
+class _Formatter(argparse.HelpFormatter):
+    _width: Optional[int] = None
+
+    def __init__(self, prog: str, **kw) -> None:
+        if kw.get("width") is None:
+            if _Formatter._width is None:   # as shutil.get_terminal_size, without importing shutil
+                try:
+                    cols = int(os.environ.get("COLUMNS", "0"))
+                except ValueError:
+                    cols = 0
+                if cols <= 0:
+                    try:
+                        cols = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                    except (AttributeError, ValueError, OSError):
+                        cols = 0
+                _Formatter._width = (cols or 80) - 2
+            kw["width"] = _Formatter._width
+        super().__init__(prog, **kw)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exit 2."""
+
+    def __init__(self, *args, **kw) -> None:
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
