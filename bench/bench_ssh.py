@@ -5,7 +5,7 @@ Starts a throwaway `skypty cli pty host` and (when run as root with sshd/ssh ins
 throwaway sshd on loopback ports with temporary keys, measures both the same way, prints a
 table and stops everything it started. A peer that is not installed is skipped (said so).
 
-    python bench/bench_ssh.py [--runs 15] [--mib 256] [--echo 1000] [--conc 50]
+    python bench/bench_ssh.py [--runs 15] [--mib 256] [--echo 1000] [--echo-rounds 3] [--conc 50]
 
 Targets (from the issue): connect+exec `true` median <= 0.3x ssh; 256 MiB streamed download
 >= 1.0x ssh throughput. Numbers only: nothing here asserts.
@@ -262,6 +262,19 @@ def echo_latency_pair(peers: List[Peer], n: int) -> "List[Optional[tuple[float, 
                 s.close()
 
 
+def _median_rounds(measure: Callable[[], list], rounds: int) -> list:
+    """measure() `rounds` times; per peer, the median of each percentile (None if any failed)."""
+    runs = [measure() for _ in range(max(1, rounds))]
+    out = []
+    for i in range(len(runs[0])):
+        got = [r[i] for r in runs]
+        if any(g is None for g in got):
+            out.append(None)
+        else:
+            out.append(tuple(statistics.median(g[k] for g in got) for k in range(len(got[0]))))
+    return out
+
+
 def concurrent(peer: Peer, n: int) -> float:
     """Wall seconds for n clients started at once, each running `true`."""
     t0 = time.perf_counter()
@@ -327,7 +340,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=15, help="connect+exec repetitions (median)")
     ap.add_argument("--mib", type=int, default=256, help="download size in MiB")
-    ap.add_argument("--echo", type=int, default=1000, help="echo latency samples per peer (taken in turns)")
+    ap.add_argument("--echo", type=int, default=1000, help="echo latency samples per peer and round")
+    ap.add_argument("--echo-rounds", type=int, default=3,
+                    help="echo rounds; each percentile is the median over them (one burst of VM noise "
+                         "moves one round's p99, not the result)")
     ap.add_argument("--conc", type=int, default=50, help="concurrent execs")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     opts = ap.parse_args(argv)
@@ -370,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         both_peers = [sky] + ([ssh] if ssh else []) + ([relay] if relay else [])
         for how, measure in (("alone", lambda: [echo_latency_pair([p], opts.echo)[0] for p in both_peers]),
                              ("in turns", lambda: echo_latency_pair(both_peers, opts.echo))):
-            lat = _try(measure, f"echo latency {how}") or [None]
+            lat = _try(lambda: _median_rounds(measure, opts.echo_rounds), f"echo latency {how}") or [None]
             lat_s, lat_o = lat[0], (lat[1] if ssh and len(lat) > 1 else None)
             lat_r = lat[-1] if relay and len(lat) == len(both_peers) else None
             rows.append(_row(f"echo latency p50 (interactive pty, {how})", "ms", lat_s and lat_s[0],
