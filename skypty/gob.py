@@ -372,15 +372,14 @@ def _build_encoder(t: GobType) -> _Enc:
         def enc(v: Any, out: List[bytes]) -> None:
             if type(v) is not int or not lo <= v <= hi:
                 v = _ranged(t, v)  # type: ignore[arg-type]
-            out.append(_SMALL[v] if v < 0x80 else _enc_uint(v))
+            out.append(_enc_uint(v))
     elif k == "float":
         def enc(v: Any, out: List[bytes]) -> None:
             out.append(_enc_uint(_float_bits(float(v))))
     elif k == "string":
         def enc(v: Any, out: List[bytes]) -> None:
             b = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
-            n = len(b)
-            out.append(_SMALL[n] if n < 0x80 else _enc_uint(n))
+            out.append(_enc_uint(len(b)))
             out.append(b)
     elif k in ("bytes", "bm"):
         size = getattr(t, "size", None)
@@ -393,7 +392,7 @@ def _build_encoder(t: GobType) -> _Enc:
             n = len(v) if not isinstance(v, memoryview) else v.nbytes
             if size is not None and n != size:
                 raise ValueError(f"gob: {t.name} must be {size} bytes, got {n}")
-            out.append(_SMALL[n] if n < 0x80 else _enc_uint(n))
+            out.append(_enc_uint(n))
             out.append(v)
     elif k == "ptr":
         inner = _value_encoder(t.elem)  # type: ignore[attr-defined]
@@ -602,8 +601,7 @@ class Encoder:
             body = [prefix]
             enc(value, body)
             data = b"".join(body)
-            n = len(data)
-            out.append(_SMALL[n] if n < 0x80 else _enc_uint(n))
+            out.append(_enc_uint(len(data)))
             out.append(data)
         return b"".join(out)
 
@@ -851,20 +849,11 @@ class Decoder:
             if src._pos >= len(src._buf):
                 src.fill()
             buf, pos = src._buf, src._pos
-            if pos < len(buf):
-                n = buf[pos]
-                start = pos + 1
-                if n >= 0x80:
-                    k = 256 - n
-                    if k > 8 or start + k > len(buf):
-                        n = 0   # malformed or cut: the general path below says which
-                    else:
-                        n = int.from_bytes(buf[start:start + k], "big")
-                        start += k
-                end = start + n
-                if 0 < n <= self._max and end <= len(buf):
-                    src._pos = end
-                    return buf[start:end]
+            n = buf[pos] if pos < len(buf) else 0   # a one-byte length (< 128): rpc calls and replies
+            end = pos + 1 + n
+            if 0 < n < 0x80 and n <= self._max and end <= len(buf):
+                src._pos = end
+                return buf[pos + 1:end]
         first = self._read(1)   # failing here, before a byte of the message, leaves the stream in sync
         if not first:
             raise EOFError("end of gob stream")
@@ -1208,19 +1197,11 @@ def _dec_float(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
 
 
 def _dec_string(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-    n = buf[pos] if pos < len(buf) else 0x80
-    end = pos + 1 + n
-    if n < 0x80 and end <= len(buf):   # a short one (a method name): inline
-        return str(buf[pos + 1:end], "utf-8", "surrogateescape"), end
     b, pos = _rd_bytes(buf, pos)
     return str(b, "utf-8", "surrogateescape"), pos
 
 
 def _dec_bytes(buf: bytes, pos: int, depth: int) -> Tuple[Any, int]:
-    n = buf[pos] if pos < len(buf) else 0x80
-    end = pos + 1 + n
-    if n < 0x80 and end <= len(buf):   # a short one (a keystroke, its echo): inline
-        return buf[pos + 1:end], end
     return _rd_bytes(buf, pos)
 
 

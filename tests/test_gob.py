@@ -601,8 +601,8 @@ def test_decoder_over_a_buffered_reader_any_split(sc):
 
 
 def test_decoder_fast_path_lengths_and_limits():
-    """Multi-byte length prefixes are taken from the buffer too; a length over the cap or a
-    malformed prefix is refused exactly as on the reading path."""
+    """Over a BufferedReader, a message with a multi-byte length prefix (beyond the one-slice
+    path) still decodes, and a length over the cap or a malformed prefix is refused."""
     big = gob.dumps(T.BYTES, b"x" * 300)            # a two-byte length prefix (0xFE ..)
     small = gob.dumps(T.BYTES, b"y")
     dec = gob.Decoder(gob.BufferedReader(_Chunks(big + small, [len(big) + len(small)])))
