@@ -493,7 +493,9 @@ class RPCClient:
         self._seq = 0
         self._pending: Dict[int, _Call] = {}
         self._lock = threading.Lock()     # _pending, _dead
-        self._wlock = threading.Lock()    # seq order == wire order, one writer
+        self._wlock = threading.Lock()    # encoder, seq and _out: seq order == wire order
+        self._slock = threading.Lock()    # the one thread sending _out (see _flush)
+        self._out: List[bytes] = []
         self._dead: Optional[str] = None
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="rpc-client")
         self._reader.start()
@@ -514,8 +516,8 @@ class RPCClient:
         callback(call), if given, runs on the reader thread once the reply (or error) is in,
         before later replies are read: no thread hand-off, and replies are seen in order. It
         must not block for long; it may issue further calls. On a connection already known
-        dead go() raises and the callback never runs; if the send itself fails, the callback
-        runs with the error on the calling thread before go() returns."""
+        dead go() raises and the callback never runs. If sending fails, every pending call
+        fails with the reason, on the thread that was sending (which may be another caller's)."""
         c = _Call(method, reply_type, callback)
         c._client = self
         with self._wlock:
@@ -533,14 +535,38 @@ class RPCClient:
                 self._seq = seq + 1
                 c._seq = seq
                 self._pending[seq] = c
-            try:
-                self._conn.sendall(data)
-                return c
-            except (OSError, ProtocolError) as e:
-                lost = e
-        # outside _wlock: the callbacks _fail runs (this one's too) may call go() themselves
-        self._fail(f"connection lost: {lost}")
+            self._out.append(data)
+        self._flush()
         return c
+
+    def _flush(self) -> None:
+        """Send what go() queued, unless another thread is sending: that one then sends it
+        too before it lets go. A caller never sleeps behind someone else's send (a keystroke
+        that comes while the reader thread sends the next Read would pay a thread wake-up)."""
+        out = self._out
+        # A go() that queued after the sender's last look found the lock still taken and
+        # left its data behind: whoever let go looks again.
+        while out and self._slock.acquire(False):
+            lost = None
+            try:
+                while lost is None:
+                    with self._wlock:
+                        if not out:
+                            break
+                        data = out[0] if len(out) == 1 else b"".join(out)
+                        out.clear()
+                    try:
+                        self._conn.sendall(data)
+                    except (OSError, ProtocolError) as e:
+                        lost = e
+            finally:
+                self._slock.release()
+            if lost is not None:
+                with self._wlock:
+                    out.clear()
+                # outside the locks: the callbacks _fail runs may call go() themselves
+                self._fail(f"connection lost: {lost}")
+                return
 
     def _fail(self, reason: str) -> None:
         with self._lock:

@@ -176,10 +176,11 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
 
     The echo of a keystroke is the latency that matters, so nothing on its path changes
     thread: the main thread sends the Write, and the Read reply is handled on the rpc reader
-    thread itself, which issues the next Read and then writes the output to stdout. That
-    thread sends, so it must never wait on a peer that waits on us: it cannot, because we
-    never have more in flight than one Write (<= CLIENT_READ_SIZE), one Read, one Ping and
-    one SetPtySize, which the socket buffers always hold."""
+    thread itself, which writes the output to stdout and then issues the next Read. (A Write
+    typed while that Read is being sent goes out right behind it, on the reader thread: see
+    RPCClient.go.) That thread sends, so it must never wait on a peer that waits on us: it
+    cannot, because we never have more in flight than one Write (<= CLIENT_READ_SIZE), one
+    Read, one Ping and one SetPtySize, which the socket buffers always hold."""
     is_tty = os.isatty(stdin_fd)
     size = terminal_size((stdin_fd, stdout_fd))
     client.start(name, list(args), size=size, env=list(env) if env is not None else interactive_env())

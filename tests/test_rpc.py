@@ -985,7 +985,7 @@ class _Breakable:
 
 
 def test_a_failed_send_runs_callbacks_that_may_call_again(pair):
-    """A send that fails ends the connection and runs the pending callbacks on the calling
+    """A send that fails ends the connection and runs the pending callbacks on the sending
     thread; a callback issuing a call must get an error, not a deadlock on the send lock."""
     a, b = pair
     conn = _Breakable(a)
@@ -1010,6 +1010,58 @@ def test_a_failed_send_runs_callbacks_that_may_call_again(pair):
         assert client.closed
     finally:
         client.close()
+
+
+class _SlowFirstSend:
+    """A socket whose first sendall blocks until released (a send stuck in the kernel)."""
+
+    def __init__(self, sock):
+        self._s = sock
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.sends = []   # (thread, data)
+
+    def sendall(self, data):
+        self.sends.append((threading.current_thread(), bytes(data)))
+        if len(self.sends) == 1:
+            self.entered.set()
+            assert self.release.wait(10)
+        return self._s.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+def test_a_caller_never_waits_behind_another_send(pair):
+    """While one thread is inside a send, another go() queues its call and returns at once;
+    the sending thread sends it next, in seq order, and both calls get their replies."""
+    a, b = pair
+    conn = _SlowFirstSend(a)
+    srv = ServerThread(b, [("s", [_ping()])])
+    client = rpc.RPCClient(conn)
+    try:
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault("call", client.go("s.Ping", T.INT, 1, T.INT)))
+        t.start()
+        assert conn.entered.wait(5)
+        returned = threading.Event()
+        second = {}
+
+        def other():
+            second["call"] = client.go("s.Ping", T.INT, 2, T.INT)
+            returned.set()
+        threading.Thread(target=other, daemon=True).start()
+        assert returned.wait(5), "go() waited behind another thread's send"
+        assert len(conn.sends) == 1   # not sent yet: left to the sender
+        conn.release.set()
+        t.join(5)
+        assert first["call"].wait(5) == 2 and second["call"].wait(5) == 3
+        assert [th for th, _ in conn.sends] == [t, t]   # the first sender sent both
+        assert client.call("s.Ping", T.INT, 3, T.INT, timeout=5) == 4
+    finally:
+        conn.release.set()
+        client.close()
+        srv.stop()
 
 
 def test_rpc_marks_secure_conns_for_small_reads(pair):
