@@ -5,6 +5,7 @@ shell over TCP) then has less Python to compile on every cold start.
 """
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 import time
@@ -131,7 +132,14 @@ class _Sink:
                 data = data[:max(room, 0)]
             buf += data
         else:
-            _write_all(sys.stdout.buffer if tag == 1 else sys.stderr.buffer, data)
+            try:
+                _write_all(sys.stdout.buffer if tag == 1 else sys.stderr.buffer, data)
+            except BrokenPipeError:
+                raise _OutputClosed() from None
+
+
+class _OutputClosed(Exception):
+    """Our stdout/stderr reader went away (`… | head`): not a failure of the connection."""
 
 
 def exec_stream_tcp(dest: Dest, sk: SecKey, name: str, argv: Sequence[str], env: Sequence[str],
@@ -183,6 +191,9 @@ def exec_stream_tcp(dest: Dest, sk: SecKey, name: str, argv: Sequence[str], env:
                 sink.write(1, part)
     except socket.timeout:
         raise SkyptyError("exec-stream: the host stopped answering") from None
+    except _OutputClosed:
+        # closing the connection below ends the remote command; main() exits quietly on this
+        raise BrokenPipeError(errno.EPIPE, "output closed") from None
     except OSError as e:
         raise SkyptyError(f"exec-stream: connection lost: {e.strerror or e}") from None
     finally:

@@ -178,6 +178,24 @@ def test_exec_binary_output_is_exact(host):
 
 
 @needs_host
+@pytest.mark.parametrize("stream", [False, True])
+def test_exec_into_a_reader_that_quits_early(host, stream):
+    """`exec … | head -c 10`: the client ends at once, quietly, with no traceback (also not
+    from flushing its output on the way out)."""
+    cmd = SKYPTY + ["cli", "pty", "shell", host.dest, *host.sk_args] + (["--stream"] if stream else []) + \
+        ["--", "sh", "-c", "head -c 3000000 /dev/zero; echo done >&2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert len(p.stdout.read(10)) == 10
+        p.stdout.close()
+        err = p.stderr.read()
+        assert p.wait(30) == 0
+    finally:
+        stop_process(p)
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err
+
+
+@needs_host
 def test_timeout_124(host):
     r = shell(host, "-t", "300ms", "--", "sleep", "20")
     assert r.returncode == 124
