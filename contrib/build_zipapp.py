@@ -23,7 +23,7 @@ def build(out: str, vendor: str | None = None) -> str:
         shutil.copytree(os.path.join(ROOT, "skypty"), os.path.join(stage, "skypty"),
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with open(os.path.join(stage, "__main__.py"), "w") as f:
-            f.write("import sys\nfrom skypty.cli import main\nsys.exit(main())\n")
+            f.write("import sys\nfrom skypty.cli import run\nsys.exit(run())\n")
         # zipimport cannot cache bytecode: ship it (beside each .py, the layout zipimport
         # reads). A Python of another version sees a foreign magic number and uses the source.
         compileall.compile_dir(os.path.join(stage, "skypty"), legacy=True, quiet=1)

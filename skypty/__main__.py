@@ -2,6 +2,6 @@ from __future__ import annotations
 
 import sys
 
-from skypty.cli import main
+from skypty.cli import run
 
-sys.exit(main())
+sys.exit(run())

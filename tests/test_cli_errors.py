@@ -830,6 +830,40 @@ def test_help_of_every_verb(tmp_path):
     assert bad == []
 
 
+def _verbs(parser, path=()):
+    """{path: (option strings, positional dests, defaults)} of every parser in the tree."""
+    import argparse
+
+    opts = sorted(o for a in parser._actions for o in a.option_strings)
+    pos = [a.dest for a in parser._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+    out = {path: (opts, pos, sorted(parser._defaults.items()))}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out.update(_verbs(sub, path + (name,)))
+    return out
+
+
+def test_the_tree_built_for_a_command_line_has_that_verb_whole():
+    """main() builds only the named verb's flags: each verb must come out exactly as in the
+    whole tree, and at every level on its way all the names must be there to list or refuse."""
+    from skypty.cli import build_parser
+
+    def children(tree, p):
+        return sorted(k[-1] for k in tree if k[:-1] == p and len(k) == len(p) + 1)
+
+    full = _verbs(build_parser())
+    assert len(full) > 30 and ("cli", "pty", "shell") in full and ("dmsg", "pty", "cli", "exec") in full
+    for path, want in full.items():
+        lazy = _verbs(build_parser(list(path) + ["x"]))
+        for i in range(len(path) + 1):
+            p = path[:i]
+            assert lazy[p] == full[p], " ".join(p)
+            assert children(lazy, p) == children(full, p), " ".join(p)
+    bare = _verbs(build_parser(["--version"]))
+    assert children(bare, ()) == children(full, ()) and bare[("cli", "pty", "exec")] == (["--help", "-h"], [], [])
+
+
 def _blast(port: int) -> None:
     """Garbage, an oversized noise frame, a half HTTP request, an empty connection."""
     for payload in (b"\xff\xff" + b"A" * 8192, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n", os.urandom(4096),
