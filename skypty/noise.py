@@ -361,12 +361,14 @@ class SendCipher:
     one): SecureConn seals and writes under one lock.
     """
 
-    __slots__ = ("_aead", "_n", "_lock")
+    __slots__ = ("_aead", "_n", "_lock", "_into")
 
     def __init__(self, key: bytes) -> None:
         self._aead = ChaCha20Poly1305(bytes(key))
         self._n = 0
         self._lock = threading.Lock()
+        # encrypt_into is cryptography >= 47; with an older one each record is copied once more
+        self._into = getattr(self._aead, "encrypt_into", None)
 
     @property
     def nonce(self) -> int:
@@ -416,7 +418,8 @@ class SendCipher:
         out = bytearray(total + count * (2 + 8 + _TAG))
         ov = memoryview(out)
         pack_into = _HDR.pack_into
-        enc = self._aead.encrypt_into
+        enc = self._into
+        seal = self._aead.encrypt
         with self._lock:
             if self._n + count > _MAX_NONCE:
                 raise ProtocolError("noise: send nonce exhausted")
@@ -428,7 +431,10 @@ class SendCipher:
             clen = len(chunk)
             n += 1
             pack_into(out, pos, clen + 8 + _TAG, n)
-            enc(_aead_nonce(n), chunk, None, ov[pos + 10:pos + 10 + clen + _TAG])
+            if enc is not None:
+                enc(_aead_nonce(n), chunk, None, ov[pos + 10:pos + 10 + clen + _TAG])
+            else:
+                ov[pos + 10:pos + 10 + clen + _TAG] = seal(_aead_nonce(n), bytes(chunk), None)
             pos += 10 + clen + _TAG
         return out
 
