@@ -422,7 +422,8 @@ def main(argv: Optional[List[str]] = None, fast_exit: bool = False) -> int:
         parser.parse_args(head + ["--help"])
         return EXIT_USAGE
     code = _run_verb(args, target)
-    if fast_exit and getattr(args, "_one_shot", False):
+    # a profiler or tracer (cProfile, coverage) writes its results at the normal exit
+    if fast_exit and getattr(args, "_one_shot", False) and sys.getprofile() is None and sys.gettrace() is None:
         _leave(code)
     return code
 

@@ -196,6 +196,18 @@ def test_exec_into_a_reader_that_quits_early(host, stream):
 
 
 @needs_host
+def test_a_profiled_exec_still_writes_its_profile(host, tmp_path):
+    """One-shot verbs leave without the interpreter's teardown, except under a profiler or
+    tracer, whose results are written at that teardown."""
+    prof = tmp_path / "exec.prof"
+    r = subprocess.run([SKYPTY[0], "-m", "cProfile", "-o", str(prof)] + SKYPTY[1:] +
+                       ["cli", "pty", "shell", host.dest, *host.sk_args, "--", "echo", "hi"],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stdout) == (0, b"hi\n"), r.stderr
+    assert prof.stat().st_size > 0
+
+
+@needs_host
 def test_timeout_124(host):
     r = shell(host, "-t", "300ms", "--", "sleep", "20")
     assert r.returncode == 124
