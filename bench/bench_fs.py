@@ -167,8 +167,9 @@ class SshfsPeer(_MountPeer):
                     "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin yes\n"
                     f"Subsystem sftp {sftp_server}\n")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation directory
-        self.server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from _util import start_sshd
+
+        self.server, self.note = start_sshd(cfg, d)
         _wait_port(self.port)
         self.mounts: Dict[str, subprocess.Popen] = {}
 

@@ -28,7 +28,7 @@ from typing import Callable, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _util import ensure_bytecode, free_port, stop_process, wait_port  # noqa: E402
+from _util import ensure_bytecode, free_port, start_sshd, stop_process, wait_port  # noqa: E402
 from skypty.keys import generate_keypair  # noqa: E402
 
 PY = sys.executable
@@ -120,8 +120,7 @@ class SSHPeer(Peer):
                 "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
                 "MaxStartups 200", "MaxSessions 200", "LogLevel ERROR", "PrintMotd no",
                 "PrintLastLog no", "UseDNS no", ""]))
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc, self.note = start_sshd(cfg, d)
         wait_port(self.port)
         self.base = ["ssh", "-F", "/dev/null", "-i", userkey, "-p", str(self.port),
                      "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -371,6 +370,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         s, o = both(connect_exec, opts.runs)
         rows.append(_row("connect+exec `true` median (CLI process)", "ms",
                          s and s * 1000, o and o * 1000, "<= 0.3x ssh"))
+        if ssh:   # the remote shell's start-up is part of ssh's connect+exec: say whose it was
+            rows[-1]["note"] = f"target <= 0.3x ssh; {ssh.note}"
         inproc = _try(lambda: _median_time(lambda: sky.inproc_exec("true"), opts.runs), "skypty in-process exec")
         rows.append(_row("connect+exec `true` median (skypty in-process, no interpreter start)", "ms",
                          inproc and inproc * 1000, o and o * 1000, "<= 0.3x ssh"))
@@ -400,6 +401,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                 rows.append(row)
         s, o = both(concurrent, opts.conc)
         rows.append(_row(f"{opts.conc} concurrent execs, wall (CLI processes)", "s", s, o, "all succeed"))
+        if ssh:
+            rows[-1]["note"] = f"target all succeed; {ssh.note}"
         ci = _try(lambda: concurrent_inproc(sky, opts.conc), "skypty in-process concurrency")
         rows.append(_row(f"{opts.conc} concurrent execs, wall (skypty in-process threads)", "s", ci, o,
                          "all succeed"))
@@ -411,6 +414,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     if opts.json:
         print(json.dumps(rows, indent=2))
     else:
+        if "ssh" in peers:
+            print(peers["ssh"].note)
         w = max(len(r["metric"]) for r in rows)
         print(f"{'metric'.ljust(w)}  {'skypty':>14}  {'ssh':>14}  {'ratio':>7}  target")
         for r in rows:
