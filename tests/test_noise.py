@@ -5,6 +5,7 @@ import hashlib
 import os
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -1012,3 +1013,50 @@ def test_keystrokes_never_pay_for_a_bulk_read():
             cb.sendall(b"q%d" % i)
             assert ca.recv(100) == b"q%d" % i
         assert wrapped.calls[-3:] == [("recv_into", noise._RECV_SMALL)] * 3
+
+
+@needs_pq
+def test_mlkem_direct_and_public_api_are_the_same_kem():
+    """_mlkem_direct calls the functions behind cryptography's public ML-KEM API: keys made
+    one way must work with the other, both ways round."""
+    direct, public = noise._mlkem_direct(), noise._mlkem_public()
+    assert direct is not None and public is not None
+    for gen, load in ((direct[0], public[1]), (public[0], direct[1])):
+        sk = gen()
+        ek = sk.public_key().public_bytes_raw()
+        ss, ct = load(ek).encapsulate()
+        assert len(ek) == noise.MLKEM768_EK_LEN and len(ct) == noise.MLKEM768_CT_LEN
+        assert sk.decapsulate(ct) == ss
+        assert sk.decapsulate(bytes([ct[0] ^ 1]) + ct[1:]) != ss   # implicit rejection, not a match
+
+
+@needs_pq
+def test_a_pq_handshake_does_not_load_cryptographys_openssl_backend():
+    """The cold-start saving of _mlkem_direct, in a fresh interpreter (conftest may have
+    loaded the backend in this one)."""
+    code = ("import socket, sys, threading\n"
+            "from skypty import noise\n"
+            "from skypty.keys import generate_keypair\n"
+            "ck, sk = generate_keypair()[1], generate_keypair()[1]\n"
+            "a, b = socket.socketpair()\n"
+            "out = {}\n"
+            "t = threading.Thread(target=lambda: out.update(s=noise.server_handshake(b, sk, timeout=10, pq=True)))\n"
+            "t.start()\n"
+            "c = noise.client_handshake(a, ck, sk.pubkey(), timeout=10, pq=True)\n"
+            "t.join()\n"
+            "print(c.pq, out['s'].pq, 'cryptography.hazmat.backends.openssl.backend' in sys.modules)\n")
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.stdout.split() == ["True", "True", "False"], r.stderr
+
+
+def test_without_the_direct_path_the_public_api_serves(monkeypatch):
+    monkeypatch.setattr(noise, "_MLKEM", None)
+    monkeypatch.setattr(noise, "_mlkem_direct", lambda: None)
+    if noise._mlkem_public() is None:
+        pytest.skip("ML-KEM-768 unavailable in this cryptography")
+    cli, srv = _handshaken(pq=True)
+    with cli, srv:
+        assert cli.pq and srv.pq
+        cli.sendall(b"hybrid")
+        assert srv.recv_exact(6) == b"hybrid"
