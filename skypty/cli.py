@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import logging
 import os
 import re
 import sys
 from typing import Callable, List, Optional, Sequence
 
-from skypty import __version__
+from skypty import __version__, logs
 from skypty.errors import EXIT_INTERRUPTED, EXIT_USAGE, SkyptyError, UsageError
 from skypty.limits import DEFAULT_DMSG_PORT, DEFAULT_TCP_PORT
 
@@ -390,12 +389,6 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     return root
 
 
-def _setup_logging(level: Optional[str]) -> None:
-    lv = {"warn": "WARNING"}.get(level or "info", (level or "info").upper())
-    logging.basicConfig(level=getattr(logging, lv, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def resolve(target: str) -> Callable[[argparse.Namespace], int]:
     mod, _, fn = target.partition(":")
     return getattr(importlib.import_module(mod), fn)
@@ -429,7 +422,10 @@ def main(argv: Optional[List[str]] = None, fast_exit: bool = False) -> int:
 
 
 def _run_verb(args: argparse.Namespace, target: str) -> int:
-    _setup_logging(getattr(args, "log_level", None))
+    if getattr(args, "_one_shot", False):   # a client prints results, not progress
+        logs.setup(getattr(args, "log_level", None) or "warning", now=False)
+    else:
+        logs.setup(getattr(args, "log_level", None))
     verb = args._verb
     try:
         handler = resolve(target)

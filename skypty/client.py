@@ -7,7 +7,6 @@ user can meet (unreachable host, wrong pinned key, client key not whitelisted) i
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -20,6 +19,7 @@ from .dest import Dest, format_hostport, parse_dest, parse_via
 from .errors import (EXIT_REMOTE_FAILED, EXIT_TIMEOUT, HandshakeError, KeyFormatError,
                      ProtocolError, RejectedError, SkyptyError, UsageError)
 from .keys import PubKey, SecKey, generate_keypair
+from .logs import get_logger
 from .netutil import set_keepalive
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "cmd_shell", "cmd_exec", "cmd_start", "PTY_URI", "DEFAULT_VISOR_CONFIGS",
 ]
 
-log = logging.getLogger("skypty.client")
+log = get_logger("skypty.client")
 
 PTY_URI = "dmsgpty/pty"
 PROXY_URI = "dmsgpty/proxy"
@@ -513,15 +513,8 @@ def _run_interactive(client: PtyClient, timeout_ms: int = limits.EXEC_DEFAULT_TI
     return run_interactive(client, DEFAULT_CMD, [], _interactive_env())
 
 
-def _quiet_logs(args) -> None:
-    """Client verbs print results, not progress: only warnings unless --log-level says more."""
-    if getattr(args, "log_level", None) is None:
-        logging.getLogger().setLevel(logging.WARNING)
-
-
 def cmd_shell(args) -> int:
     """`cli pty shell <pk>@host[:port] [-- cmd…]`: interactive, or exec when a command is given."""
-    _quiet_logs(args)
     if getattr(args, "standalone", False):
         raise UsageError("--standalone needs the dmsg client; use <pk>@host[:port] over TCP")
     dest = parse_dest(args.dest, default_port=args.port)
@@ -560,7 +553,6 @@ def _target_and_via(args, default_port: int) -> Tuple[Optional[Dest], Optional[D
 
 def cmd_exec(args) -> int:
     """`cli pty exec <target> -- cmd…` (tcp://, --via, or through the node RPC)."""
-    _quiet_logs(args)
     command = list(args.command or [])
     if not command or not command[0]:
         raise UsageError("missing command (cli pty exec <target> -- cmd args…)")
@@ -599,7 +591,6 @@ def cmd_exec(args) -> int:
 def cmd_start(args) -> int:
     """`cli pty start [<pk>]`: an interactive shell over --via tcp://…, an ephemeral dmsg client
     (--standalone), or the local host's control socket (its dmsg proxy for a <pk>)."""
-    _quiet_logs(args)
     target, via = _target_and_via(args, args.port)
     tcp = via or (target if target is not None and target.is_tcp else None)
     if tcp is None and (args.transport == "skynet" or (target is not None and target.scheme == "skynet")):

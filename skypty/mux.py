@@ -7,13 +7,13 @@ An rpc factory that raises: close without writing a byte (the client sees EOF).
 """
 from __future__ import annotations
 
-import logging
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import limits
 from .errors import ProtocolError, RejectedError, UsageError
+from .logs import get_logger
 from .rpc import RPCServer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Peer", "MuxTable", "request", "parse_request", "ACCEPT", "REJECT"]
 
-log = logging.getLogger("skypty.mux")
+log = get_logger("skypty.mux")
 
 ACCEPT = b"\x00"
 REJECT = b"\x01"

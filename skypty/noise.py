@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import socket
 import struct
 import threading
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from . import limits
 from .errors import HandshakeError, KeyFormatError, ProtocolError
 from .keys import PubKey, SecKey, generate_keypair, noise_dh
+from .logs import get_logger
 
 _MLKEM = None   # (generate, from_public_bytes) once loaded; False where this cryptography lacks it
 
@@ -98,7 +98,7 @@ __all__ = [
     "MLKEM768_EK_LEN", "MLKEM768_CT_LEN", "PQ_HKDF_INFO",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PROTOCOL_XK = b"Noise_XK_Secp256k1_ChaChaPoly_SHA256"
 PROTOCOL_KK = b"Noise_KK_Secp256k1_ChaChaPoly_SHA256"

@@ -10,7 +10,6 @@ idle for hours); RPCClient.call(timeout=…) bounds each call instead.
 """
 from __future__ import annotations
 
-import logging
 import select
 import socket
 import threading
@@ -21,12 +20,13 @@ from . import limits
 from .errors import ProtocolError, SkyptyError
 from .gob import DEFAULT_FIRST_ID, EMPTY, BufferedReader, Decoder, Encoder, GobType
 from .gobtypes import RPC_REQUEST, RPC_RESPONSE
+from .logs import get_logger
 
 __all__ = [
     "RPCError", "RPCClosedError", "RPCTimeout", "Method", "Later", "Wait", "AGAIN", "RPCServer", "RPCClient",
 ]
 
-log = logging.getLogger("skypty.rpc")
+log = get_logger("skypty.rpc")
 
 
 class RPCError(SkyptyError):

@@ -1,4 +1,5 @@
-"""The exec path must stay light: `cli pty exec` never imports FUSE, paramiko, yaml or the web server."""
+"""The exec path must stay light: `cli pty exec` never imports FUSE, paramiko, yaml, logging or the web
+server."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import sys
 
 from conftest import ROOT, SKYPTY, free_port
 
-HEAVY = ("fuse", "paramiko", "yaml", "http.server", "skypty.web", "skypty.fs", "skypty.websocket",
+HEAVY = ("fuse", "paramiko", "yaml", "http.server", "logging", "skypty.web", "skypty.fs", "skypty.websocket",
          "skypty.services.sftp")
 
 
@@ -52,3 +53,19 @@ def test_bad_flag_is_one_line_exit_2():
                        timeout=30)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "invalid duration" in r.stderr
+
+
+def test_a_client_loads_logging_only_to_log():
+    """`logging` (with traceback, linecache, tokenize) stays unloaded on a client that has
+    nothing to say; its first record still comes out as configured: warnings and worse."""
+    code = ("import sys\n"
+            "from skypty import logs\n"
+            "logs.setup('warning', now=False)\n"
+            "log = logs.get_logger('skypty.t')\n"
+            "assert 'logging' not in sys.modules\n"
+            "log.info('quiet')\n"
+            "log.warning('said %s', 'once')\n"
+            "assert 'logging' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "quiet" not in r.stderr and r.stderr.strip().endswith("WARNING skypty.t: said once")
