@@ -339,10 +339,12 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     path = None if argv is None else tuple(argv)
 
     def want(p: argparse.ArgumentParser) -> bool:
+        # p's words in order anywhere in argv: a verb's own flags may come before its sub-verb
+        # (`app pty exec --cliaddr S whitelist-add PK`); building one verb too many is harmless
         if path is None:
             return True
-        words = p.prog.split()[1:]
-        return path[:len(words)] == tuple(words)
+        rest = iter(path)
+        return all(any(tok == w for tok in rest) for w in p.prog.split()[1:])
 
     root = _Parser(prog="skypty", description="Skywire pty: remote shell, exec, fs and web terminal over Noise XK.")
     root.add_argument("--version", action="version", version=f"skypty {__version__}")

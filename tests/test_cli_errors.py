@@ -860,6 +860,13 @@ def test_the_tree_built_for_a_command_line_has_that_verb_whole():
             p = path[:i]
             assert lazy[p] == full[p], " ".join(p)
             assert children(lazy, p) == children(full, p), " ".join(p)
+    # a verb's flags before its sub-verb, as the host's own hints print them
+    for argv, target in ((["app", "pty", "exec", "--cliaddr", "/s", "whitelist-add", "k"], "cmd_whitelist_add"),
+                         (["dmsg", "pty", "cli", "-r", "/s", "whitelist"], "cmd_whitelist"),
+                         (["dmsg", "pty", "cli", "-n", "unix", "exec", "--", "true"], "cmd_local_exec"),
+                         (["app", "pty", "dmsg", "--confpath", "x.json", "confgen"], "cmd_confgen")):
+        ns = build_parser(argv).parse_args(argv)
+        assert ns._target.endswith(":" + target), argv
     bare = _verbs(build_parser(["--version"]))
     assert children(bare, ()) == children(full, ()) and bare[("cli", "pty", "exec")] == (["--help", "-h"], [], [])
 
