@@ -785,7 +785,7 @@ class BufferedReader:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def fill(self) -> None:
+    def _fill(self) -> None:
         """With nothing buffered, one read (the one read_exact would make next)."""
         if self._pos >= len(self._buf) and not self._eof:
             chunk = self._conn.recv(self._bufsize)
@@ -793,6 +793,20 @@ class BufferedReader:
                 self._buf, self._pos = bytes(chunk), 0
             else:
                 self._eof = True
+
+    def small_message(self, limit: int) -> Optional[bytes]:
+        """The next gob message if its length is one byte (< 128, at most `limit`) and it is
+        buffered whole, or can be after one read: taken with one slice (rpc calls and replies).
+        None, consuming nothing, otherwise: the Decoder then reads it the general way."""
+        if self._pos >= len(self._buf):
+            self._fill()
+        buf, pos = self._buf, self._pos
+        n = buf[pos] if pos < len(buf) else 0
+        end = pos + 1 + n
+        if 0 < n < 0x80 and n <= limit and end <= len(buf):
+            self._pos = end
+            return buf[pos + 1:end]
+        return None
 
     def read_exact(self, n: int) -> bytes:
         buf, pos = self._buf, self._pos
@@ -845,15 +859,10 @@ class Decoder:
     # framing --------------------------------------------------------------------------
     def _read_message(self) -> bytes:
         src = self._src
-        if src is not None:   # the whole message in one read (rpc traffic): one slice
-            if src._pos >= len(src._buf):
-                src.fill()
-            buf, pos = src._buf, src._pos
-            n = buf[pos] if pos < len(buf) else 0   # a one-byte length (< 128): rpc calls and replies
-            end = pos + 1 + n
-            if 0 < n < 0x80 and n <= self._max and end <= len(buf):
-                src._pos = end
-                return buf[pos + 1:end]
+        if src is not None:
+            msg = src.small_message(self._max)
+            if msg is not None:
+                return msg
         first = self._read(1)   # failing here, before a byte of the message, leaves the stream in sync
         if not first:
             raise EOFError("end of gob stream")
