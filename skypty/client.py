@@ -247,6 +247,12 @@ def _backoff(delays: List[float]) -> None:
     time.sleep(delays.pop(0) * random.uniform(0.5, 1.0))
 
 
+def _load_next() -> None:
+    """What comes right after the handshake (the mux request, then rpc and gob): imported
+    while the host answers message 1, ~1 ms of a one-shot exec's cold start."""
+    from . import mux  # noqa: F401  (imports rpc, gob and gobtypes)
+
+
 def _handshake(host: str, port: int, remote_pk: PubKey, sk: SecKey, timeout: float):
     """Connect + XK. A host over its pre-auth cap resets the connection before replying
     (netutil.reset_close): that alone is retried, a few times. A wrong pinned key makes the
@@ -263,7 +269,8 @@ def _handshake(host: str, port: int, remote_pk: PubKey, sk: SecKey, timeout: flo
             _backoff(delays)
             continue
         try:
-            return noise.client_handshake(sock, sk, remote_pk, timeout=min(timeout, limits.HANDSHAKE_TIMEOUT))
+            return noise.client_handshake(sock, sk, remote_pk, timeout=min(timeout, limits.HANDSHAKE_TIMEOUT),
+                                          while_waiting=_load_next)
         except HandshakeError as e:
             sock.close()
             text = str(e)

@@ -25,10 +25,9 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from . import limits
 from .errors import HandshakeError, KeyFormatError, ProtocolError
@@ -85,6 +84,44 @@ def _mlkem_check(ops) -> None:
     ss, ct = ops[1](ek).encapsulate()
     if len(ek) != MLKEM768_EK_LEN or len(ct) != MLKEM768_CT_LEN or sk.decapsulate(ct) != ss:
         raise ValueError("ML-KEM-768 round trip failed")
+
+
+def _aead_class():
+    """cryptography's ChaCha20-Poly1305 class.
+
+    Since cryptography 42 the public name is the Rust class itself, but importing it by that
+    name first loads the cipher package (base, modes, algorithms): ~2.5 ms of a one-shot
+    `cli pty exec`. The class is taken from the binding instead when a known answer says it
+    is the cipher we mean; anything else (an older or rearranged release) gets the public one
+    (tests/test_noise.py pins both)."""
+    try:
+        from cryptography.hazmat.bindings._rust import openssl as rust
+
+        cls = rust.aead.ChaCha20Poly1305
+        if _aead_ok(cls):
+            return cls
+    except Exception:  # pragma: no cover - depends on the installed cryptography
+        pass
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return ChaCha20Poly1305
+
+
+def _aead_ok(cls) -> bool:
+    try:
+        return cls(_KAT_KEY).encrypt(_KAT_NONCE, _KAT_PT, _KAT_AD)[-16:] == _KAT_TAG
+    except Exception:
+        return False
+
+
+# RFC 8439 section 2.8.2 (the AEAD example): its tag is what _aead_class checks a class by
+_KAT_KEY = bytes(range(0x80, 0xA0))
+_KAT_NONCE = bytes.fromhex("070000004041424344454647")
+_KAT_AD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+_KAT_PT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
+           b"the future, sunscreen would be it.")
+_KAT_TAG = bytes.fromhex("1ae10b594f09e26a7e902ecbd0600691")
+ChaCha20Poly1305 = _aead_class()
 
 
 def pq_available() -> bool:
@@ -790,7 +827,8 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _run(sock, hs: Handshake, timeout: Optional[float], context: str) -> SecureConn:
+def _run(sock, hs: Handshake, timeout: Optional[float], context: str,
+         while_waiting: Optional[Callable[[], Any]] = None) -> SecureConn:
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         if timeout is not None:
@@ -799,6 +837,9 @@ def _run(sock, hs: Handshake, timeout: Optional[float], context: str) -> SecureC
             if hs._my_turn():
                 write_frame(sock, hs.write_message())
             else:
+                if while_waiting is not None:
+                    _call_quietly(while_waiting)
+                    while_waiting = None
                 hs.read_message(read_frame(sock, deadline))
         send, recv = hs.split()
         sock.settimeout(None)
@@ -812,12 +853,23 @@ def _run(sock, hs: Handshake, timeout: Optional[float], context: str) -> SecureC
     return SecureConn(sock, send, recv, hs.remote_pk, hs._spub, pq=hs.pq)
 
 
+def _call_quietly(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:   # only a head start: whatever failed fails again where it is needed
+        pass
+
+
 def client_handshake(sock, local_sk: SecKey, remote_pk: PubKey, timeout: Optional[float] = limits.HANDSHAKE_TIMEOUT,
                      pq: bool = True, require_pq: bool = False, *,
-                     ephemeral_sk: Optional[SecKey] = None) -> SecureConn:
-    """XK initiator over a stream, pinning the server's key. Closes `sock` on failure."""
+                     ephemeral_sk: Optional[SecKey] = None,
+                     while_waiting: Optional[Callable[[], Any]] = None) -> SecureConn:
+    """XK initiator over a stream, pinning the server's key. Closes `sock` on failure.
+
+    `while_waiting()`, if given, runs once while the responder works on message 2 (a
+    one-shot client loads what it needs next there: that time is otherwise idle)."""
     hs = Handshake("XK", True, local_sk, remote_pk, ephemeral_sk=ephemeral_sk, pq=pq, require_pq=require_pq)
-    return _run(sock, hs, timeout, f"server key pinned to {hs.remote_pk.hex()}")
+    return _run(sock, hs, timeout, f"server key pinned to {hs.remote_pk.hex()}", while_waiting)
 
 
 def server_handshake(sock, local_sk: SecKey, timeout: Optional[float] = limits.HANDSHAKE_TIMEOUT,

@@ -30,6 +30,11 @@ def test_exec_path_imports_nothing_heavy():
     # the handler module itself is loaded by importlib (not logged); what it imports is
     assert "skypty.noise" in mods, "the exec verb did not run far enough to mean anything"
     assert not [m for m in HEAVY if m in mods]
+    # the AEAD class comes from cryptography's binding, without its cipher package (~2.5 ms)
+    from cryptography.hazmat.bindings._rust import openssl
+
+    if hasattr(getattr(openssl, "aead", None), "ChaCha20Poly1305"):
+        assert "cryptography.hazmat.primitives.ciphers" not in mods
 
 
 def test_python_dash_m_and_version():

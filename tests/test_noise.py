@@ -1060,3 +1060,52 @@ def test_without_the_direct_path_the_public_api_serves(monkeypatch):
         assert cli.pq and srv.pq
         cli.sendall(b"hybrid")
         assert srv.recv_exact(6) == b"hybrid"
+
+
+def test_the_aead_is_cryptographys_chacha20poly1305_checked_by_a_known_answer():
+    """noise takes the cipher class from cryptography's binding (cold start) only when RFC
+    8439's AEAD example comes out right; on every supported release it is the public class."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    assert noise.ChaCha20Poly1305 is ChaCha20Poly1305
+    assert noise._aead_ok(ChaCha20Poly1305)
+    assert not noise._aead_ok(AESGCM)   # same call shape, another cipher: refused
+    assert noise._aead_class() is ChaCha20Poly1305
+
+
+def test_while_waiting_runs_once_while_the_responder_is_on_message_2():
+    """The initiator's idle hook runs after message 1 went out and before message 2 came in:
+    here the responder may only answer once the hook ran, else the handshake times out."""
+    ck, sk_ = generate_keypair()[1], generate_keypair()[1]
+    a, b = socket.socketpair()
+    ran = threading.Event()
+    calls = []
+
+    class HeldReplies:   # the responder's socket: its first write waits for the hook
+        def __init__(self, sock):
+            self._s = sock
+
+        def sendall(self, data):
+            assert ran.wait(10), "message 2 was held, but the hook never ran"
+            return self._s.sendall(data)
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+
+    def hook():
+        calls.append(1)
+        ran.set()
+
+    srv = Thread(server_handshake, HeldReplies(b), sk_, timeout=10)
+    cli = client_handshake(a, ck, sk_.pubkey(), timeout=10, while_waiting=hook)
+    with cli, srv.get() as s:
+        cli.sendall(b"after")
+        assert s.recv_exact(5) == b"after"
+    assert calls == [1]
+    # a failing hook costs nothing but its head start
+    a, b = socket.socketpair()
+    srv = Thread(server_handshake, b, sk_, timeout=10)
+    cli = client_handshake(a, ck, sk_.pubkey(), timeout=10, while_waiting=lambda: 1 / 0)
+    with cli, srv.get() as s:
+        s.sendall(b"ok")
+        assert cli.recv_exact(2) == b"ok"
