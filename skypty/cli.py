@@ -350,22 +350,43 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     root.add_argument("--version", action="version", version=f"skypty {__version__}")
     top = _subparsers(root)
 
+    # A group the command line does not name stays a bare name too: its whole subtree is
+    # only built when it is headed for (23 parsers for the full tree, 11 for `cli pty exec`).
     # ---- skypty cli pty …
     cli = top.add("cli", help="client commands")
+    if want(cli):
+        _cli_tree(cli, want)
+    # ---- skypty app pty …
+    app = top.add("app", help="the pty app (host, web terminal, control-socket client)")
+    if want(app):
+        _app_tree(app, want)
+    # ---- skypty dmsg … (hidden legacy aliases + private-network servers)
+    dm = top.add("dmsg", help="dmsg tools")
+    if want(dm):
+        _dmsg_tree(dm, want)
+    return root
+
+
+def _cli_tree(cli: argparse.ArgumentParser, want: Want) -> None:
     pty = _subparsers(cli).add("pty", help="remote shell, exec, fs mount and the TCP host")
+    if not want(pty):
+        return
     ptys = _subparsers(pty)
     _leaf(ptys, "exec", "run one command on a remote host and mirror its exit code", _exec_flags, want)
     _leaf(ptys, "start", "interactive shell on a remote host (or a local one)", _start_flags, want)
     _leaf(ptys, "shell", "ssh-like: <pk>@host[:port] [-- cmd args…]", _shell_flags, want)
     fs = ptys.add("fs", help="mount a remote filesystem over the sftp subsystem (FUSE)")
-    fss = _subparsers(fs)
-    _leaf(fss, "mount", "mount <pk>@host[:port] on a local directory (foreground)", _mount_flags, want)
-    _leaf(fss, "umount", "unmount a skypty mount", _umount_flags, want)
+    if want(fs):
+        fss = _subparsers(fs)
+        _leaf(fss, "mount", "mount <pk>@host[:port] on a local directory (foreground)", _mount_flags, want)
+        _leaf(fss, "umount", "unmount a skypty mount", _umount_flags, want)
     _leaf(ptys, "host", "standalone TCP host (mode 3), like sshd", _cli_host_flags, want)
 
-    # ---- skypty app pty …
-    app = top.add("app", help="the pty app (host, web terminal, control-socket client)")
+
+def _app_tree(app: argparse.ArgumentParser, want: Want) -> None:
     apty = _subparsers(app).add("pty", help="pty app commands")
+    if not want(apty):
+        return
     apps = _subparsers(apty)
     ad = _leaf(apps, "dmsg", "standalone host: dmsg (mode 2), optional TCP, control socket",
                lambda p: (_host_flags(p), _handler(p, "skypty.host:cmd_standalone_host", "pty host")), want)
@@ -375,20 +396,20 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     _leaf(apps, "http", "browser terminal bridged to a host's control socket", lambda p: _http_flags(p, "pty http"), want)
     _pty_cli_tree(apps.add("exec", help="shell, exec and whitelist verbs over the local control socket"), "pty exec", want)
 
-    # ---- skypty dmsg … (hidden legacy aliases + private-network servers)
-    dm = top.add("dmsg", help="dmsg tools")
+
+def _dmsg_tree(dm: argparse.ArgumentParser, want: Want) -> None:
     dms = _subparsers(dm, hidden=("pty",))
     dpty = dms.add("pty", help="legacy aliases")
-    dptys = _subparsers(dpty)
-    dh = _leaf(dptys, "host", "standalone host",
-               lambda p: (_host_flags(p), _handler(p, "skypty.host:cmd_standalone_host", "dmsg pty host")), want)
-    if want(dh):
-        _confgen(_subparsers(dh), "dmsg pty host", want)
-    _pty_cli_tree(dptys.add("cli", help="control-socket client"), "dmsg pty cli", want)
-    _leaf(dptys, "ui", "browser terminal", lambda p: _http_flags(p, "dmsg pty ui"), want)
+    if want(dpty):
+        dptys = _subparsers(dpty)
+        dh = _leaf(dptys, "host", "standalone host",
+                   lambda p: (_host_flags(p), _handler(p, "skypty.host:cmd_standalone_host", "dmsg pty host")), want)
+        if want(dh):
+            _confgen(_subparsers(dh), "dmsg pty host", want)
+        _pty_cli_tree(dptys.add("cli", help="control-socket client"), "dmsg pty cli", want)
+        _leaf(dptys, "ui", "browser terminal", lambda p: _http_flags(p, "dmsg pty ui"), want)
     _leaf(dms, "server", "a small dmsg server for private networks and tests", _dmsg_server_flags, want)
     _leaf(dms, "disc", "a small in-memory dmsg discovery", _dmsg_disc_flags, want)
-    return root
 
 
 def resolve(target: str) -> Callable[[argparse.Namespace], int]:

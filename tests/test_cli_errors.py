@@ -867,8 +867,12 @@ def test_the_tree_built_for_a_command_line_has_that_verb_whole():
                          (["app", "pty", "dmsg", "--confpath", "x.json", "confgen"], "cmd_confgen")):
         ns = build_parser(argv).parse_args(argv)
         assert ns._target.endswith(":" + target), argv
+    # a group the command line does not name is a bare name: no subtree behind it
     bare = _verbs(build_parser(["--version"]))
-    assert children(bare, ()) == children(full, ()) and bare[("cli", "pty", "exec")] == (["--help", "-h"], [], [])
+    assert children(bare, ()) == children(full, ()) == ["app", "cli", "dmsg"]
+    assert all(bare[(g,)] == (["--help", "-h"], [], []) for g in children(full, ())) and len(bare) == 4
+    other = _verbs(build_parser(["cli", "pty", "exec", "x"]))
+    assert ("cli", "pty", "shell") in other and ("app", "pty") not in other and ("cli", "pty", "fs", "mount") not in other
 
 
 def _blast(port: int) -> None:
