@@ -179,21 +179,28 @@ def _pty_cli_tree(p: argparse.ArgumentParser, verb: str, want: Want) -> None:
     if not want(p):
         return
 
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("-n", "--clinet", help="control socket network (default unix)")
-        q.add_argument("-r", "--cliaddr", help="control socket address (default $TMPDIR/pty.sock)")
-        q.add_argument("-p", "--confpath", help="host config to read clinet/cliaddr from")
+    # The flags work before the sub-verb too (`app pty exec --cliaddr S whitelist-add PK`, as
+    # the host's own hint prints it). argparse copies every dest of a sub-verb's namespace over
+    # the parent's, so there the shared flags have no default: an absent one must not erase a
+    # value given to the parent (which would dial the default socket: another host, maybe).
+    def common(q: argparse.ArgumentParser, default=None) -> None:
+        q.add_argument("-n", "--clinet", default=default, help="control socket network (default unix)")
+        q.add_argument("-r", "--cliaddr", default=default, help="control socket address (default $TMPDIR/pty.sock)")
+        q.add_argument("-p", "--confpath", default=default, help="host config to read clinet/cliaddr from")
+
+    def addr(q: argparse.ArgumentParser, default=None) -> None:
+        q.add_argument("--addr", default=default, help="remote host <pk>[:<port>] reached through the host's dmsg proxy")
 
     common(p)
-    p.add_argument("--addr", help="remote host <pk>[:<port>] reached through the host's dmsg proxy")
+    addr(p)
     p.add_argument("-c", "--cmd", default="/bin/bash", help="command to run (default /bin/bash)")
     p.add_argument("-a", "--args", action="append", default=[], help="command arguments (repeatable)")
     _handler(p, "skypty.control:cmd_local_shell", verb, one_shot=True)
     sub = _subparsers(p)
 
     def exec_flags(e: argparse.ArgumentParser) -> None:
-        common(e)
-        e.add_argument("--addr", help="remote host <pk>[:<port>] reached through the host's dmsg proxy")
+        common(e, argparse.SUPPRESS)
+        addr(e, argparse.SUPPRESS)
         e.add_argument("-t", "--timeout", type=parse_duration, default=30.0, help="timeout (default 30s)")
         e.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE for the command (repeatable)")
         e.add_argument("command", nargs=argparse.REMAINDER)
@@ -202,7 +209,7 @@ def _pty_cli_tree(p: argparse.ArgumentParser, verb: str, want: Want) -> None:
 
     def whitelist_flags(name: str, target: str) -> Callable[[argparse.ArgumentParser], None]:
         def flags(w: argparse.ArgumentParser) -> None:
-            common(w)
+            common(w, argparse.SUPPRESS)
             if name != "whitelist":
                 w.add_argument("pks", nargs="+", metavar="pk")
             _handler(w, "skypty.control:" + target, verb + " " + name, one_shot=True)

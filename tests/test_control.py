@@ -239,6 +239,12 @@ def test_whitelist_client_verbs_in_process(wl_server):
     assert store.list() == [PubKey.from_hex(KEYS[6]["pk"])]
     r = cli("whitelist-remove", CLIENT_PK)
     assert r.returncode == 1 and r.stderr.decode().count("\n") == 1 and "Not in whitelist" in r.stderr.decode()
+    # the socket flags before the sub-verb, as the host's startup hint prints them, reach the
+    # same socket (argparse once let the sub-verb's absent flag reset them to the default)
+    r = run_skypty("app", "pty", "exec", "--cliaddr", path, "whitelist-add", CLIENT_PK)
+    assert r.returncode == 0, r.stderr
+    r = run_skypty("dmsg", "pty", "cli", "-n", "unix", "-r", path, "whitelist")
+    assert r.returncode == 0 and r.stdout.decode().split() == [KEYS[6]["pk"], CLIENT_PK], r.stderr
 
 
 # ================================================================== against a real host process
@@ -410,6 +416,11 @@ def test_cliaddr_from_confpath(host, tmp_path):
     # hidden legacy alias
     r = run_skypty("dmsg", "pty", "cli", "exec", "--cliaddr", host.sock, "--", "echo", "legacy")
     assert r.returncode == 0 and r.stdout == b"legacy\n", r.stderr
+    # the flags before the sub-verb: given to `exec`'s parent, still used by `exec`
+    r = run_skypty("app", "pty", "exec", "-p", str(cfg), "exec", "--", "echo", "parent-conf")
+    assert r.returncode == 0 and r.stdout == b"parent-conf\n", r.stderr
+    r = run_skypty("dmsg", "pty", "cli", "--cliaddr", host.sock, "exec", "-t", "5s", "--", "echo", "parent-addr")
+    assert r.returncode == 0 and r.stdout == b"parent-addr\n", r.stderr
 
 
 @needs_host
