@@ -151,7 +151,10 @@ def exec_stream_tcp(dest: Dest, sk: SecKey, name: str, argv: Sequence[str], env:
     """
     import json
 
+    from .netutil import steady_allocator
     from .services.execstream import EXEC_STREAM_URI, MEDIA_TYPE as media
+
+    steady_allocator()   # a download: see netutil
 
     try:
         conn = dial_uri_tcp(dest.host, dest.port, dest.pk, sk, EXEC_STREAM_URI)

@@ -1357,6 +1357,9 @@ def _fuse_options(args, pk_hex: str) -> dict:
 
 def cmd_mount(args) -> int:
     from skypty.dest import parse_dest
+    from skypty.netutil import steady_allocator
+
+    steady_allocator()   # see netutil
 
     dest = parse_dest(args.dest, default_port=args.port)
     standalone = getattr(args, "standalone", False)

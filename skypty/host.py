@@ -375,8 +375,11 @@ def _limits_from(args) -> dict:
 def cmd_cli_host(args) -> int:
     """`cli pty host`: TCP only, in-memory whitelist (--allow ∪ --conf's wl), like sshd."""
     from skypty.keys import generate_keypair
+    from skypty.netutil import steady_allocator
     from skypty.transport.tcp import TCPServer, parse_listen_addr
     from skypty.whitelist import MemoryWhitelist
+
+    steady_allocator()   # bulk transfers (downloads, fs writes): see netutil
 
     parse_listen_addr(args.listen)   # a bad address is a usage error before anything else
     sk = None
@@ -428,10 +431,12 @@ def cmd_app_tcp(args) -> int:
 def cmd_standalone_host(args) -> int:
     """`app pty dmsg` / `dmsg pty host`: config, control socket, dmsg and/or TCP, or --listen-fd."""
     from skypty.config import load_host_config
+    from skypty.netutil import steady_allocator
     from skypty.whitelist import open_whitelist
 
     from skypty.transport.tcp import parse_listen_addr
 
+    steady_allocator()   # bulk transfers (downloads, fs writes): see netutil
     cfg = load_host_config(args)
     if cfg.sk is None:
         raise UsageError("no secret key: create a config with `skypty app pty dmsg confgen` and pass -c PATH")

@@ -18,7 +18,7 @@ import time
 
 from skypty import limits
 
-__all__ = ["close_conn", "close_after_drain", "reset_close", "set_keepalive"]
+__all__ = ["close_conn", "close_after_drain", "reset_close", "set_keepalive", "steady_allocator"]
 
 
 def close_conn(conn) -> None:
@@ -95,3 +95,37 @@ def set_keepalive(sock: socket.socket) -> None:
             sock.setsockopt(level, opt, value)
         except OSError:
             pass
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_steady = False
+
+
+def steady_allocator() -> None:
+    """Fixed malloc thresholds for a process that moves bulk data (a host, a download, a mount).
+
+    A bulk transfer makes and frees buffers of 64-256 KiB at a high rate. glibc maps blocks
+    over a threshold it moves at run time and trims its heap as it goes, so whether those
+    buffers reuse heap memory or are freshly mapped and faulted in, page by page, every time
+    depends on the order of the first frees. Measured on a 256 MiB `exec --stream`: 3,900
+    page faults and ~350 MiB/s, or 168,000 and ~200 MiB/s, run to run; fs seq-write
+    185-210 -> ~295 MiB/s. A fixed 1 MiB map threshold and 4 MiB trim threshold make it the
+    first case every time, for at most 4 MiB of freed heap kept. glibc only (elsewhere, e.g.
+    musl, nothing is done); once per process. Not for the one-shot exec path: ctypes is ~3 ms
+    of a cold start."""
+    global _steady
+    if _steady:
+        return
+    _steady = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version   # noqa: B018 - AttributeError off glibc
+        mallopt = libc.mallopt
+    except (ImportError, OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 4 << 20)

@@ -181,6 +181,9 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
     RPCClient.go.) That thread sends, so it must never wait on a peer that waits on us: it
     cannot, because we never have more in flight than one Write (<= CLIENT_READ_SIZE), one
     Read, one Ping and one SetPtySize, which the socket buffers always hold."""
+    from .netutil import steady_allocator
+
+    steady_allocator()   # output may come in bulk (`cat` of a big file): see netutil
     is_tty = os.isatty(stdin_fd)
     size = terminal_size((stdin_fd, stdout_fd))
     client.start(name, list(args), size=size, env=list(env) if env is not None else interactive_env())

@@ -723,7 +723,9 @@ def make_server(host: str, port: int, handler: type) -> ThreadingHTTPServer:
 def cmd_http(args) -> int:
     """`app pty http` / `dmsg pty ui`: serve the terminal page, bridged to a host's control socket."""
     from skypty.cli import default_cliaddr
+    from skypty.netutil import steady_allocator
 
+    steady_allocator()   # terminal output may come in bulk: see netutil
     hnet = args.hnet or "unix"
     haddr = args.haddr or default_cliaddr()
     host, port = parse_listen(args.addr)

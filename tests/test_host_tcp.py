@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -847,3 +849,28 @@ def test_control_connections_are_logged(caplog):
     finally:
         host.close()
     assert "control: accept -@local (control)" in caplog.text
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="steady_allocator acts on glibc only")
+def test_steady_allocator_keeps_bulk_buffers_on_the_heap():
+    """glibc maps a fresh 512 KiB block (a bulk-transfer buffer) by default, so every one is
+    faulted in anew; after steady_allocator() the heap serves it. Fresh interpreters: the
+    setting is per process, and this one may already have made it."""
+    from conftest import ROOT
+
+    code = ("import ctypes, sys\n"
+            "from skypty import netutil\n"
+            "if sys.argv[1] == 'steady':\n"
+            "    netutil.steady_allocator()\n"
+            "    netutil.steady_allocator()\n"   # once per process: a second call is harmless
+            "ba = bytearray(512 * 1024)\n"
+            "addr = ctypes.addressof(ctypes.c_char.from_buffer(ba))\n"
+            "heap = [l for l in open('/proc/self/maps') if l.rstrip().endswith('[heap]')][0]\n"
+            "lo, hi = (int(x, 16) for x in heap.split()[0].split('-'))\n"
+            "print('heap' if lo <= addr < hi else 'mapped')\n")
+    got = {}
+    for how in ("default", "steady"):
+        r = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        got[how] = r.stdout.strip()
+    assert got == {"default": "mapped", "steady": "heap"}
