@@ -358,7 +358,7 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     top = _subparsers(root)
 
     # A group the command line does not name stays a bare name too: its whole subtree is
-    # only built when it is headed for (23 parsers for the full tree, 11 for `cli pty exec`).
+    # only built when it is headed for (23 parsers for the full tree, 10 for `cli pty exec`).
     # ---- skypty cli pty …
     cli = top.add("cli", help="client commands")
     if want(cli):
