@@ -875,6 +875,38 @@ def test_the_tree_built_for_a_command_line_has_that_verb_whole():
     assert ("cli", "pty", "shell") in other and ("app", "pty") not in other and ("cli", "pty", "fs", "mount") not in other
 
 
+def test_a_flag_a_sub_verb_shares_with_its_parent_keeps_the_parents_value():
+    """argparse copies every dest of a sub-verb's namespace over its parent's, so a sub-verb
+    flag of the same name with a default would erase what was given before the sub-verb
+    (`app pty exec --cliaddr S whitelist-add PK` dialed the default socket). Shared flags
+    carry no default in the sub-verb. The one exception means something else there, on
+    purpose: the host's --unsafe (a non-loopback control address) must never reach confgen
+    as "overwrite the key file"."""
+    import argparse
+
+    from skypty.cli import build_parser
+
+    different_meaning = {("confgen", "unsafe")}
+    found = []
+
+    def walk(p, path=()):
+        own = {a.dest for a in p._actions if a.option_strings and a.dest not in ("help", "version")}
+        for s in (a for a in p._actions if isinstance(a, argparse._SubParsersAction)):
+            for name, sub in s.choices.items():
+                for a in sub._actions:
+                    if a.option_strings and a.dest in own:
+                        found.append((path + (name,), a.dest))
+                        if (name, a.dest) not in different_meaning:
+                            assert a.default is argparse.SUPPRESS, (" ".join(path + (name,)), a.dest)
+                walk(sub, path + (name,))
+
+    walk(build_parser())
+    # the check saw the flags it is about, under both spellings of the control-socket client
+    for verb in (("app", "pty", "exec", "whitelist-add"), ("dmsg", "pty", "cli", "exec")):
+        assert {d for v, d in found if v == verb} >= {"clinet", "cliaddr", "confpath"}, verb
+    assert (("app", "pty", "exec", "exec"), "addr") in found
+
+
 def _blast(port: int) -> None:
     """Garbage, an oversized noise frame, a half HTTP request, an empty connection."""
     for payload in (b"\xff\xff" + b"A" * 8192, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n", os.urandom(4096),
