@@ -25,7 +25,7 @@ __all__ = [
     "GobType", "Basic", "Struct", "Slice", "Array", "Map", "Ptr", "BinaryMarshaler",
     "BOOL", "INT", "INT8", "INT16", "INT32", "INT64", "UINT", "UINT8", "UINT16", "UINT32",
     "UINT64", "FLOAT", "STRING", "BYTES", "EMPTY",
-    "Encoder", "Decoder", "BufferedReader", "dumps", "loads", "zero_value",
+    "Encoder", "Decoder", "BufferedReader", "dumps", "loads", "zero_value", "enc_uint",
     "FIRST_USER_ID", "DEFAULT_FIRST_ID",
 ]
 
@@ -256,6 +256,11 @@ def zero_value(t: GobType) -> Any:
 # ----------------------------------------------------------------------------- primitives
 
 _SMALL = [bytes((i,)) for i in range(256)]
+# a top-level []byte / int value message after its length: type id (as a gob int), then the
+# singleton's field delta 0
+_BYTES_HEAD = bytes((_ID_BYTES << 1, 0))
+_INT_HEAD = bytes((_ID_INT << 1, 0))
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _U8_ELEM = [bytes((i,)) if i < 0x80 else bytes((0xFF, i)) for i in range(256)]
 
 
@@ -272,6 +277,9 @@ def _enc_uint(v: int) -> bytes:
 
 def _enc_int(v: int) -> bytes:
     return _enc_uint((v << 1) if v >= 0 else (((~v) << 1) | 1))
+
+
+enc_uint = _enc_uint   # for callers that frame gob bytes themselves (rpc header templates)
 
 
 def _rd_uint(buf: bytes, pos: int) -> Tuple[int, int]:
@@ -646,6 +654,19 @@ class Encoder:
         finally:
             self._new_ids, self._new_sent = [], []
 
+    def value_message(self, t: GobType, value: Any) -> bytes:
+        """What encode_many([(t, value)]) gives. A []byte or an int (a keystroke, its echo, a
+        Read's size) is framed here directly: those types need no definitions, and the
+        general path costs as much as the rest of a keystroke's encoding."""
+        if t is BYTES and type(value) is bytes:
+            n = len(value)
+            if n < 0x7D:   # the whole message < 128 bytes: one-byte length prefix
+                return b"".join((_SMALL[n + 3], _BYTES_HEAD, _SMALL[n], value))
+        elif t is INT and type(value) is int and _I64_MIN <= value <= _I64_MAX:
+            v = _enc_int(value)
+            return b"".join((_SMALL[len(v) + 2], _INT_HEAD, v))
+        return self.encode_many(((t, value),))
+
     def encode_bytes(self, t: GobType, value: Any) -> bytes:
         """The bytes encode() would write (definitions + value); the caller must send them."""
         return self.encode_many([(t, value)])
@@ -794,20 +815,6 @@ class BufferedReader:
             else:
                 self._eof = True
 
-    def small_message(self, limit: int) -> Optional[bytes]:
-        """The next gob message if its length is one byte (< 128, at most `limit`) and it is
-        buffered whole, or can be after one read: taken with one slice (rpc calls and replies).
-        None, consuming nothing, otherwise: the Decoder then reads it the general way."""
-        if self._pos >= len(self._buf):
-            self._fill()
-        buf, pos = self._buf, self._pos
-        n = buf[pos] if pos < len(buf) else 0
-        end = pos + 1 + n
-        if 0 < n < 0x80 and n <= limit and end <= len(buf):
-            self._pos = end
-            return buf[pos + 1:end]
-        return None
-
     def read_exact(self, n: int) -> bytes:
         buf, pos = self._buf, self._pos
         end = pos + n
@@ -860,9 +867,16 @@ class Decoder:
     def _read_message(self) -> bytes:
         src = self._src
         if src is not None:
-            msg = src.small_message(self._max)
-            if msg is not None:
-                return msg
+            # A message with a one-byte length, buffered whole (or after one read): one slice.
+            # An rpc call or reply is two such messages; this runs for each, so it is inline.
+            if src._pos >= len(src._buf):
+                src._fill()
+            buf, pos = src._buf, src._pos
+            n = buf[pos] if pos < len(buf) else 0
+            end = pos + 1 + n
+            if 0 < n < 0x80 and n <= self._max and end <= len(buf):
+                src._pos = end
+                return buf[pos + 1:end]
         first = self._read(1)   # failing here, before a byte of the message, leaves the stream in sync
         if not first:
             raise EOFError("end of gob stream")
@@ -893,6 +907,13 @@ class Decoder:
 
     def decode(self, t: Optional[GobType]) -> Any:
         """Read definitions, then one value decoded as t (t=None: read and discard)."""
+        tid, buf, pos = self.next_value()
+        return self.value(tid, buf, pos, t)
+
+    def next_value(self) -> Tuple[int, bytes, int]:
+        """Read definitions up to the next value message: (its type id, the message, where
+        the value starts). value() decodes it; a caller that knows the layout of a type may
+        read the bytes itself (see struct_fields)."""
         if self.broken:
             raise ProtocolError("gob: stream is broken")
         while True:
@@ -908,7 +929,15 @@ class Decoder:
             if tid < 0:
                 self._define(-tid, buf, pos)
                 continue
-            return self._value(tid, buf, pos, t)
+            return tid, buf, pos
+
+    def struct_fields(self, tid: int) -> Optional[Tuple[Tuple[str, int], ...]]:
+        """The peer's fields (name, wire type id) of struct type tid in wire order, or None
+        if tid is not a struct the peer defined."""
+        w = self._wire.get(tid)
+        if w is None or w.kind != "struct":
+            return None
+        return tuple(w.fields)
 
     def skip(self) -> None:
         self.decode(None)
@@ -925,7 +954,16 @@ class Decoder:
             raise ProtocolError("gob: type definitions too large")
         self._wire[tid] = _parse_wiretype(buf, pos)
 
-    def _value(self, tid: int, buf: bytes, pos: int, t: Optional[GobType]) -> Any:
+    def value(self, tid: int, buf: bytes, pos: int, t: Optional[GobType]) -> Any:
+        """The value of a message next_value() returned, decoded as t."""
+        if tid == _ID_BYTES and t is BYTES:   # a keystroke or an echo: [0x00][len < 128][data]
+            n = len(buf) - pos - 2
+            if 0 <= n < 0x80 and buf[pos] == 0 and buf[pos + 1] == n:
+                return buf[pos + 2:]
+        elif tid == _ID_INT and t is INT and len(buf) == pos + 2 and buf[pos] == 0:
+            u = buf[pos + 1]
+            if u < 0x80:
+                return ~(u >> 1) if u & 1 else u >> 1
         # keyed by id(t): hashing a type descriptor is a Python-level call; the entry keeps
         # t alive, so the id cannot be reused while it is cached
         fast = self._fast.get((tid, id(t)))

@@ -613,3 +613,56 @@ def test_decoder_fast_path_lengths_and_limits():
     bad = gob.Decoder(gob.BufferedReader(_Chunks(b"\xf0" + b"\x00" * 20, [21])))
     with pytest.raises(ProtocolError, match="bad message length"):
         bad.decode(T.BYTES)
+
+
+_BYTES_LENGTHS = [0, 1, 5, 123, 124, 125, 126, 127, 128, 300, 70000]
+_INTS = [0, 1, -1, 63, -64, 64, -65, 127, 128, -129, 32768, (1 << 63) - 1, -(1 << 63)]
+
+
+def test_value_message_matches_the_general_encoder():
+    """The []byte / int short cut gives exactly the general encoder's bytes (Go's, for these
+    built-in types), and anything else goes the general way with its errors."""
+    enc = gob.Encoder()
+    for n in _BYTES_LENGTHS:
+        v = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+        assert enc.value_message(T.BYTES, v) == gob.dumps(T.BYTES, v), n
+        assert enc.value_message(T.BYTES, bytearray(v)) == gob.dumps(T.BYTES, v), n
+        assert enc.value_message(T.BYTES, memoryview(v)) == gob.dumps(T.BYTES, v), n
+    for v in _INTS:
+        assert enc.value_message(T.INT, v) == gob.dumps(T.INT, v), v
+    for bad in (1 << 63, -(1 << 63) - 1):
+        with pytest.raises(ValueError):
+            enc.value_message(T.INT, bad)
+    with pytest.raises(TypeError):
+        enc.value_message(T.INT, True)
+    assert enc.value_message(T.WinSize, {"Rows": 2}) == gob.dumps(T.WinSize, {"Rows": 2})
+
+
+def test_value_short_cuts_agree_with_the_general_decoder():
+    """[]byte and int values of every length decode as before, and a short-cut-shaped
+    message that is malformed still fails the general way."""
+    msgs = [gob.dumps(T.BYTES, b"k" * n) for n in _BYTES_LENGTHS] + [gob.dumps(T.INT, v) for v in _INTS]
+    dec = gob.Decoder(gob.BufferedReader(_Chunks(b"".join(msgs), [sum(map(len, msgs))])))
+    assert [dec.decode(T.BYTES) for _ in _BYTES_LENGTHS] == [b"k" * n for n in _BYTES_LENGTHS]
+    assert [dec.decode(T.INT) for _ in _INTS] == _INTS
+    for body, why in [(b"\x0a\x01\x01k", "non-zero delta"), (b"\x0a\x00\x02k", "exceeds the message"),
+                      (b"\x0a\x00\x01kk", "extra data"), (b"\x04\x01\x02", "non-zero delta"),
+                      (b"\x04\x00\x02\x00", "extra data"), (b"\x0a\x00", "truncated")]:
+        with pytest.raises(ProtocolError, match=why):
+            gob.loads(T.BYTES if body[0] == 0x0a else T.INT, bytes((len(body),)) + body)
+    assert gob.loads(T.BYTES, b"\x03\x0a\x00\x00") == b""
+
+
+def test_next_value_and_struct_fields():
+    """next_value() reads definitions and stops at the value; struct_fields tells its layout."""
+    data = gob.dumps(T.RPC_REQUEST, {"ServiceMethod": "pty.Read", "Seq": 7}) + gob.dumps(T.INT, 5)
+    dec = gob.Decoder(gob.BufferedReader(_Chunks(data, [len(data)])))
+    tid, buf, pos = dec.next_value()
+    assert tid == gob.DEFAULT_FIRST_ID
+    assert dec.struct_fields(tid) == (("ServiceMethod", gob.STRING.wire_id), ("Seq", gob.UINT.wire_id))
+    assert dec.value(tid, buf, pos, T.RPC_REQUEST) == {"ServiceMethod": "pty.Read", "Seq": 7}
+    tid, buf, pos = dec.next_value()
+    assert dec.struct_fields(tid) is None and dec.struct_fields(99) is None
+    assert dec.value(tid, buf, pos, T.INT) == 5
+    with pytest.raises(EOFError):
+        dec.next_value()
