@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import limits
 from .errors import ProtocolError, SkyptyError
-from .gob import DEFAULT_FIRST_ID, EMPTY, BufferedReader, Decoder, Encoder, GobType
+from .gob import DEFAULT_FIRST_ID, EMPTY, STRING, UINT, BufferedReader, Decoder, Encoder, GobType, enc_uint
 from .gobtypes import RPC_REQUEST, RPC_RESPONSE
 from .logs import get_logger
 
@@ -144,6 +144,66 @@ def _shutdown(conn: Any) -> None:
 Service = Tuple[str, Sequence[Method]]
 
 
+# ---- header short cuts ------------------------------------------------------------------
+# Every call and reply starts with a Request/Response header. Through the general gob code a
+# header costs as much as the rest of a keystroke's work, so the common shape is written and
+# read here directly: a byte template per method for sending, a parser for receiving. Both
+# check themselves against the general code once and leave anything else to it.
+
+_TEMPLATES_MAX = 64   # methods with a send template, per connection and direction
+_REQUEST_WIRE = (("ServiceMethod", STRING.wire_id), ("Seq", UINT.wire_id))
+_RESPONSE_WIRE = _REQUEST_WIRE + (("Error", STRING.wire_id),)
+
+
+def _header_template(enc: Encoder, t: GobType, sm: str) -> Optional[bytes]:
+    """The header message for (sm, Seq 0, no Error) without its length byte and final 0x00,
+    once t is defined on enc's stream; None if _header_bytes could not rebuild what the
+    general encoder gives (then the method always takes the general path)."""
+    msg = enc.encode_many(((t, {"ServiceMethod": sm, "Seq": 0}),))
+    if not msg or msg[0] != len(msg) - 1 or msg[-1] != 0:
+        return None   # a long method name: two-byte length, not worth a template
+    head = msg[1:-1]
+    for seq in (0, 1, 127, 128, 65535, (1 << 64) - 1):
+        if _header_bytes(head, seq) != enc.encode_many(((t, {"ServiceMethod": sm, "Seq": seq}),)):
+            return None
+    return head
+
+
+def _header_bytes(head: bytes, seq: int) -> bytes:
+    # Seq is field 1 (delta 1 after ServiceMethod); zero is not sent; 0x00 ends the struct
+    body = head + b"\x01" + enc_uint(seq) + b"\x00" if seq else head + b"\x00"
+    n = len(body)
+    return (enc_uint(n) if n >= 0x80 else bytes((n,))) + body
+
+
+def _parse_header(buf: bytes, pos: int) -> Optional[Tuple[str, int]]:
+    """(ServiceMethod, Seq) of a header value laid out as _REQUEST_WIRE / _RESPONSE_WIRE
+    with an ASCII method name and no Error; None for any other bytes, which the general
+    decoder then reads (and reports, if they are garbage)."""
+    try:
+        if buf[pos] != 1:
+            return None
+        n = buf[pos + 1]
+        p = pos + 2 + n
+        sm = buf[pos + 2:p]
+        seq = 0
+        if buf[p] == 1:
+            b = buf[p + 1]
+            if b < 0x80:
+                seq, p = b, p + 2
+            else:
+                k = 256 - b
+                if k > 8:
+                    return None
+                seq, p = int.from_bytes(buf[p + 2:p + 2 + k], "big"), p + 2 + k
+        # a short byte string or integer moved p past the end: IndexError here
+        if buf[p] != 0 or p + 1 != len(buf) or n >= 0x80 or not sm.isascii():
+            return None
+    except IndexError:
+        return None
+    return sm.decode("ascii"), seq
+
+
 class RPCServer:
     """Serves registered services on one connection. serve() blocks until the peer stops
     sending; each call runs on its own (pooled) worker thread, replies go out in completion order."""
@@ -157,6 +217,8 @@ class RPCServer:
         self._enc = Encoder(None, first_id)
         self._reader = BufferedReader(conn)
         self._dec = Decoder(self._reader)
+        self._heads: Dict[str, Optional[bytes]] = {}   # Response templates (see _header_template)
+        self._req_tid = -1   # the peer's Request type id, once its layout is known to be _REQUEST_WIRE
         self._wlock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_inflight)
         # Reusable workers (at most max_inflight, as many as calls ever overlapped): starting
@@ -180,6 +242,8 @@ class RPCServer:
         self._skipped: set = set()
         # calls waiting on fds, polled by the serve thread itself (see Wait)
         self._parked: List[tuple] = []
+        self._poller: Any = None   # _pump's poll object and the fds it has (None: do not reuse)
+        self._poll_key: Optional[tuple] = None
         try:
             self._fileno: Optional[int] = conn.fileno()
         except (AttributeError, OSError, ValueError):
@@ -210,15 +274,23 @@ class RPCServer:
         return m, ""
 
     def _send(self, sm: str, seq: int, err: str, reply_type: GobType, reply: Any) -> None:
-        hdr = {"ServiceMethod": sm, "Seq": seq, "Error": err}
         with self._wlock:
             if self._write_failed:
                 return
+            enc = self._enc
             try:
-                data = self._enc.encode_many([(RPC_RESPONSE, hdr), (reply_type, reply)])
+                head = None if err else self._heads.get(sm)
+                if head:
+                    data = _header_bytes(head, seq) + enc.value_message(reply_type, reply)
+                else:
+                    hdr = {"ServiceMethod": sm, "Seq": seq, "Error": err}
+                    data = enc.encode_many([(RPC_RESPONSE, hdr), (reply_type, reply)])
+                    # only registered methods answer without an error: the table stays small
+                    if not err and sm not in self._heads and len(self._heads) < _TEMPLATES_MAX:
+                        self._heads[sm] = _header_template(enc, RPC_RESPONSE, sm)
             except Exception as e:   # a method's bad return value must still answer the caller
                 log.warning("rpc: cannot encode reply of %s: %s", sm, e)
-                hdr["Error"] = f"rpc: cannot encode reply: {e}"
+                hdr = {"ServiceMethod": sm, "Seq": seq, "Error": f"rpc: cannot encode reply: {e}"}
                 data = self._enc.encode_many([(RPC_RESPONSE, hdr), (EMPTY, {})])
             try:
                 self._conn.sendall(data)
@@ -258,10 +330,13 @@ class RPCServer:
     def _done_turn(self, sm: str, ticket: int) -> None:
         with self._turn_lock:
             tk = self._tickets[sm]
-            self._skipped.add((sm, ticket))
-            while (sm, tk[1]) in self._skipped:   # a call that never ran passes its turn on too
-                self._skipped.discard((sm, tk[1]))
+            if tk[1] == ticket and not self._skipped:   # in turn, nothing left behind (a keystroke)
                 tk[1] += 1
+            else:
+                self._skipped.add((sm, ticket))
+                while (sm, tk[1]) in self._skipped:   # a call that never ran passes its turn on too
+                    self._skipped.discard((sm, tk[1]))
+                    tk[1] += 1
             if self._turn_waiters:
                 self._turn.notify_all()
 
@@ -317,12 +392,18 @@ class RPCServer:
         while self._parked:
             if timeout is None and (self._reader.buffered() or self._pending()):
                 return
-            p = select.poll()
-            if conn_fd >= 0:
-                p.register(conn_fd, select.POLLIN)
-            for w, *_ in self._parked:
-                for fd in w.fds:
-                    p.register(fd, select.POLLIN)
+            parked = self._parked
+            # the same fds keystroke after keystroke (the pty's Read): reuse their poll object
+            key = (conn_fd, parked[0][0].fds) if len(parked) == 1 else None
+            p = self._poller if key is not None and key == self._poll_key else None
+            if p is None:
+                p = select.poll()
+                if conn_fd >= 0:
+                    p.register(conn_fd, select.POLLIN)
+                for w, *_ in parked:
+                    for fd in w.fds:
+                        p.register(fd, select.POLLIN)
+                self._poller, self._poll_key = p, key
             fired = {fd for fd, _ in p.poll(timeout)}
             for entry in [e for e in self._parked if not fired.isdisjoint(e[0].fds)]:
                 self._parked.remove(entry)
@@ -382,10 +463,16 @@ class RPCServer:
                 if self._parked:
                     self._pump()
                 try:
-                    hdr = dec.decode(RPC_REQUEST)
+                    tid, buf, pos = dec.next_value()
                 except EOFError:
                     break
-                sm, seq = hdr["ServiceMethod"], hdr["Seq"]
+                got = _parse_header(buf, pos) if tid == self._req_tid else None
+                if got is None:
+                    hdr = dec.value(tid, buf, pos, RPC_REQUEST)
+                    if dec.struct_fields(tid) == _REQUEST_WIRE:
+                        self._req_tid = tid
+                    got = hdr["ServiceMethod"], hdr["Seq"]
+                sm, seq = got
                 m, err = self._lookup(sm)
                 if m is None:
                     dec.skip()
@@ -490,6 +577,7 @@ class RPCClient:
         _rpc_stream(conn)
         self._enc = Encoder(None, first_id)
         self._dec = Decoder(BufferedReader(conn))
+        self._heads: Dict[str, Optional[bytes]] = {}   # Request templates (see _header_template)
         self._seq = 0
         self._pending: Dict[int, _Call] = {}
         self._lock = threading.Lock()     # _pending, _dead
@@ -524,9 +612,16 @@ class RPCClient:
             if self._dead is not None:   # checked again under _lock below
                 raise RPCClosedError(f"rpc {method}: {self._dead}")
             seq = self._seq   # only ever changed under _wlock
+            enc = self._enc
             # may raise ValueError/TypeError for a bad argument: nothing was sent then
-            data = self._enc.encode_many([(RPC_REQUEST, {"ServiceMethod": method, "Seq": seq}),
-                                          (arg_type, arg)])
+            head = self._heads.get(method)
+            if head:
+                data = _header_bytes(head, seq) + enc.value_message(arg_type, arg)
+            else:
+                data = enc.encode_many([(RPC_REQUEST, {"ServiceMethod": method, "Seq": seq}),
+                                        (arg_type, arg)])
+                if method not in self._heads and len(self._heads) < _TEMPLATES_MAX:
+                    self._heads[method] = _header_template(enc, RPC_REQUEST, method)
             with self._lock:
                 # Checked again: the reader may have died while we encoded, and a call
                 # registered after _fail() emptied the table would never be woken.
@@ -535,21 +630,32 @@ class RPCClient:
                 self._seq = seq + 1
                 c._seq = seq
                 self._pending[seq] = c
-            self._out.append(data)
-        self._flush()
+            # Nothing queued and nobody sending (the usual case): send it ourselves, the
+            # send lock taken before _wlock is let go so that no later call overtakes it.
+            mine = not self._out and self._slock.acquire(False)
+            if not mine:
+                self._out.append(data)
+        self._flush(data if mine else None)
         return c
 
-    def _flush(self) -> None:
+    def _flush(self, first: Optional[bytes] = None) -> None:
         """Send what go() queued, unless another thread is sending: that one then sends it
         too before it lets go. A caller never sleeps behind someone else's send (a keystroke
-        that comes while the reader thread sends the next Read would pay a thread wake-up)."""
+        that comes while the reader thread sends the next Read would pay a thread wake-up).
+        `first`: the caller already holds the send lock and these bytes go out first."""
         out = self._out
         # A go() that queued after the sender's last look found the lock still taken and
         # left its data behind: whoever let go looks again.
-        while out and self._slock.acquire(False):
+        while first is not None or (out and self._slock.acquire(False)):
             lost = None
             try:
-                while lost is None:
+                if first is not None:
+                    data, first = first, None
+                    try:
+                        self._conn.sendall(data)
+                    except (OSError, ProtocolError) as e:
+                        lost = e
+                while lost is None and out:
                     with self._wlock:
                         if not out:
                             break
@@ -580,10 +686,18 @@ class RPCClient:
     def _read_loop(self) -> None:
         dec = self._dec
         reason = "connection closed by peer"
+        rsp_tid = -1   # the peer's Response type id, once its layout is known to be _RESPONSE_WIRE
         try:
             while True:
-                hdr = dec.decode(RPC_RESPONSE)
-                seq, err = hdr["Seq"], hdr["Error"]
+                tid, buf, pos = dec.next_value()
+                got = _parse_header(buf, pos) if tid == rsp_tid else None
+                if got is None:
+                    hdr = dec.value(tid, buf, pos, RPC_RESPONSE)
+                    if dec.struct_fields(tid) == _RESPONSE_WIRE:
+                        rsp_tid = tid
+                    seq, err = hdr["Seq"], hdr["Error"]
+                else:
+                    seq, err = got[1], ""
                 with self._lock:
                     c = self._pending.pop(seq, None)
                 if c is None or err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -1124,3 +1125,158 @@ def test_calls_queued_behind_a_parked_one_end_with_the_connection(pair, pipe):
     assert not srv.thread.is_alive(), "serve() still waiting for calls queued behind the parked one"
     assert time.monotonic() - t0 < 5
     assert released == [0]
+
+
+# ---------------------------------------------------------------------------- header short cuts
+
+_SEQS = [0, 1, 2, 127, 128, 255, 256, 65535, 65536, (1 << 32) + 5, (1 << 64) - 1]
+
+
+@pytest.mark.parametrize("t", [T.RPC_REQUEST, T.RPC_RESPONSE], ids=["request", "response"])
+def test_header_template_gives_the_general_encoders_bytes(t):
+    enc = gob.Encoder()
+    enc.encode_many([(t, {"ServiceMethod": "pty.Write", "Seq": 0})])   # defines t
+    for sm in ("pty.Write", "pty.Read", "x.y", "Srv.Méthode", "a." + "m" * 100):
+        head = rpc._header_template(enc, t, sm)
+        assert head is not None, sm
+        for seq in _SEQS:
+            assert rpc._header_bytes(head, seq) == enc.encode_many([(t, {"ServiceMethod": sm, "Seq": seq})])
+    # a name whose header needs a two-byte length gets no template (the general path)
+    assert rpc._header_template(enc, t, "a." + "m" * 130) is None
+
+
+def _messages(*items):
+    enc = gob.Encoder()
+    data = enc.encode_many(items)
+    return gob.Decoder(gob.BufferedReader(_OneRead(data)))
+
+
+class _OneRead:
+    def __init__(self, data):
+        self.data = data
+
+    def recv(self, n):
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def test_parse_header_agrees_with_the_decoder_or_declines():
+    rng = random.Random(3)
+    cases = [(sm, seq) for sm in ("pty.Read", "a.b", "x." + "y" * 120) for seq in _SEQS]
+    cases += [("s.m" + str(rng.randrange(10 ** 6)), rng.randrange(1 << 64)) for _ in range(300)]
+    for sm, seq in cases:
+        for t in (T.RPC_REQUEST, T.RPC_RESPONSE):
+            dec = _messages((t, {"ServiceMethod": sm, "Seq": 0}), (t, {"ServiceMethod": sm, "Seq": seq}))
+            dec.decode(t)
+            tid, buf, pos = dec.next_value()
+            assert rpc._parse_header(buf, pos) == (sm, seq)
+            assert dec.value(tid, buf, pos, t)["Seq"] == seq
+    # shapes it leaves to the general decoder
+    def body_of(t, hdr):
+        dec = _messages((t, hdr), (t, hdr))
+        dec.decode(t)
+        return dec.next_value()[1:]
+    assert rpc._parse_header(*body_of(T.RPC_RESPONSE, {"ServiceMethod": "a.b", "Seq": 3, "Error": "no"})) is None
+    assert rpc._parse_header(*body_of(T.RPC_REQUEST, {"ServiceMethod": "", "Seq": 3})) is None
+    assert rpc._parse_header(*body_of(T.RPC_REQUEST, {"ServiceMethod": "é.b", "Seq": 3})) is None
+    assert rpc._parse_header(*body_of(T.RPC_REQUEST, {"ServiceMethod": "a." + "b" * 130, "Seq": 3})) is None
+    buf, pos = body_of(T.RPC_REQUEST, {"ServiceMethod": "a.b", "Seq": 300})
+    for cut in range(pos, len(buf)):
+        assert rpc._parse_header(buf[:cut], pos) is None
+    assert rpc._parse_header(buf + b"\x00", pos) is None
+    assert rpc._parse_header(buf[:pos] + b"\x01\x03a.b\x01\xf7" + b"\x01" * 9 + b"\x00", pos) is None
+
+
+def test_a_peer_with_another_header_layout_is_served_the_general_way(pair):
+    """Wire fields are matched by name: a peer whose Request/Response list their fields in
+    another order (legal gob) must still work call after call, without the short cuts."""
+    peer, ours = pair
+    srv = ServerThread(ours, [("pty", [rpc.Method("Write", T.BYTES, T.INT, len)])])
+    req = gob.Struct("Request", [("Seq", gob.UINT), ("ServiceMethod", gob.STRING)])
+    enc = gob.Encoder()
+    dec = gob.Decoder(gob.BufferedReader(peer))
+    try:
+        for seq in range(1, 6):
+            peer.sendall(enc.encode_many([(req, {"ServiceMethod": "pty.Write", "Seq": seq}),
+                                          (T.BYTES, b"x" * seq)]))
+            assert dec.decode(T.RPC_RESPONSE) == {"ServiceMethod": "pty.Write", "Seq": seq, "Error": ""}
+            assert dec.decode(T.INT) == seq
+    finally:
+        srv.stop()
+
+
+def test_header_fields_are_matched_by_name_not_position(pair):
+    """A Request laid out like ours but with another name for the method field has no
+    ServiceMethod: answered as ill-formed every time, never read positionally."""
+    peer, ours = pair
+    srv = ServerThread(ours, [("pty", [rpc.Method("Write", T.BYTES, T.INT, len)])])
+    req = gob.Struct("Request", [("Method", gob.STRING), ("Seq", gob.UINT)])
+    enc = gob.Encoder()
+    dec = gob.Decoder(gob.BufferedReader(peer))
+    try:
+        for seq in range(1, 4):
+            peer.sendall(enc.encode_many([(req, {"Method": "pty.Write", "Seq": seq}), (T.BYTES, b"x")]))
+            assert dec.decode(T.RPC_RESPONSE) == {
+                "ServiceMethod": "", "Seq": seq, "Error": "rpc: service/method request ill-formed: "}
+            dec.skip()
+    finally:
+        srv.stop()
+
+
+def test_a_server_with_another_response_layout_is_read_the_general_way(pair):
+    ours, peer = pair
+    rsp = gob.Struct("Response", [("Error", gob.STRING), ("Seq", gob.UINT), ("ServiceMethod", gob.STRING)])
+
+    def fake_server():
+        enc = gob.Encoder()
+        dec = gob.Decoder(gob.BufferedReader(peer))
+        try:
+            while True:
+                hdr = dec.decode(T.RPC_REQUEST)
+                n = dec.decode(T.INT)
+                err = "boom" if n == 3 else ""
+                peer.sendall(enc.encode_many([(rsp, dict(hdr, Error=err)),
+                                              (T.EMPTY, {}) if err else (T.BYTES, b"r" * n)]))
+        except (EOFError, OSError, ProtocolError):
+            pass
+    t = threading.Thread(target=fake_server, daemon=True)
+    t.start()
+    client = rpc.RPCClient(ours)
+    try:
+        for n in (1, 2, 3, 4, 5):
+            if n == 3:
+                with pytest.raises(rpc.RPCError, match="boom"):
+                    client.call("pty.Read", T.INT, n, T.BYTES, timeout=20)
+            else:
+                assert client.call("pty.Read", T.INT, n, T.BYTES, timeout=20) == b"r" * n
+    finally:
+        client.close()
+        t.join(10)
+
+
+def test_errors_after_the_short_cuts_are_in_use(pair):
+    """Once a method's template and parser are in use, an error reply, an unknown method and
+    a bad argument still get their general answers."""
+    a, b = pair
+    calls = []
+
+    def write(data):
+        calls.append(data)
+        if data == b"fail":
+            raise RuntimeError("write failed")
+        return len(data)
+    srv = ServerThread(b, [("pty", [rpc.Method("Write", T.BYTES, T.INT, write)])])
+    client = rpc.RPCClient(a)
+    try:
+        for i in range(200):   # Seq past one byte
+            assert client.call("pty.Write", T.BYTES, b"k" * (i % 7), T.INT, timeout=20) == i % 7
+        with pytest.raises(rpc.RPCError, match="write failed"):
+            client.call("pty.Write", T.BYTES, b"fail", T.INT, timeout=20)
+        with pytest.raises(rpc.RPCError, match="can't find method pty.Nope"):
+            client.call("pty.Nope", T.BYTES, b"x", T.INT, timeout=20)
+        with pytest.raises(rpc.RPCError):
+            client.call("pty.Write", T.INT, 5, T.INT, timeout=20)   # wrong argument type
+        assert client.call("pty.Write", T.BYTES, b"after", T.INT, timeout=20) == 5
+    finally:
+        client.close()
+        srv.stop()
