@@ -127,10 +127,14 @@ class _Writer:
         with self._lock:
             if self.error is not None:
                 return False
-            self._buf += data
-            if self._busy:
-                return True
-            chunk = self._take()
+            if self._busy or self._buf or len(data) > limits.CLIENT_READ_SIZE:
+                self._buf += data
+                if self._busy:
+                    return True
+                chunk = self._take()
+            else:   # a keystroke with nothing waiting: straight out, no buffer copies
+                self._busy = True
+                chunk = data
         self._go(chunk)
         return self.error is None
 
