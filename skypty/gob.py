@@ -960,9 +960,14 @@ class Decoder:
             n = len(buf) - pos - 2
             if 0 <= n < 0x80 and buf[pos] == 0 and buf[pos + 1] == n:
                 return buf[pos + 2:]
-        elif tid == _ID_INT and t is INT and len(buf) == pos + 2 and buf[pos] == 0:
-            u = buf[pos + 1]
+        elif tid == _ID_INT and t is INT and buf[pos:pos + 1] == b"\x00":   # [0x00][uint]
+            n = len(buf) - pos - 1
+            u = buf[pos + 1] if n > 0 else 0x80
             if u < 0x80:
+                if n == 1:
+                    return ~(u >> 1) if u & 1 else u >> 1
+            elif n == 257 - u <= 9:   # a length byte and that many bytes, the message's rest
+                u = int.from_bytes(buf[pos + 2:], "big")
                 return ~(u >> 1) if u & 1 else u >> 1
         # keyed by id(t): hashing a type descriptor is a Python-level call; the entry keeps
         # t alive, so the id cannot be reused while it is cached

@@ -647,7 +647,9 @@ def test_value_short_cuts_agree_with_the_general_decoder():
     assert [dec.decode(T.INT) for _ in _INTS] == _INTS
     for body, why in [(b"\x0a\x01\x01k", "non-zero delta"), (b"\x0a\x00\x02k", "exceeds the message"),
                       (b"\x0a\x00\x01kk", "extra data"), (b"\x04\x01\x02", "non-zero delta"),
-                      (b"\x04\x00\x02\x00", "extra data"), (b"\x0a\x00", "truncated")]:
+                      (b"\x04\x00\x02\x00", "extra data"), (b"\x0a\x00", "truncated"),
+                      (b"\x04\x00\xfe\x01", "truncated"), (b"\x04\x00\xfe\x01\x02\x03", "extra data"),
+                      (b"\x04\x00\xf0" + b"\x01" * 16, "out of range"), (b"\x04\x00", "truncated")]:
         with pytest.raises(ProtocolError, match=why):
             gob.loads(T.BYTES if body[0] == 0x0a else T.INT, bytes((len(body),)) + body)
     assert gob.loads(T.BYTES, b"\x03\x0a\x00\x00") == b""
