@@ -65,6 +65,8 @@ class PtyClient:
         self.conn = conn
         self._rpc = RPCClient(conn)
         self._rpc_error = RPCError
+        gob, _ = _gob()
+        self._bytes_t, self._int_t = gob.BYTES, gob.INT   # every keystroke asks
         self._started = False
         self._ended = False
         self._closed = False
@@ -125,7 +127,6 @@ class PtyClient:
                   n: int = limits.CLIENT_READ_SIZE) -> None:
         """Issue a Read; fn(data, None) with its output, or fn(b"", err) where err is an
         EOFError once the remote program ended. Raises if the call cannot be sent."""
-        gob, _ = _gob()
         rpc_error = self._rpc_error
 
         def done(call) -> None:
@@ -135,12 +136,11 @@ class PtyClient:
                 err = EOFError(str(err))
             fn(b"" if err is not None else bytes(call.reply or b""), err)
 
-        self._rpc.go("pty.Read", gob.INT, int(n), gob.BYTES, callback=done)
+        self._rpc.go("pty.Read", self._int_t, int(n), self._bytes_t, callback=done)
 
     def write_then(self, data: bytes, fn: Callable[[Optional[BaseException]], Any]) -> None:
         """Issue a Write; fn(None) once the host took it, fn(err) if it failed."""
-        gob, _ = _gob()
-        self._rpc.go("pty.Write", gob.BYTES, bytes(data), gob.INT, callback=lambda call: fn(call.error))
+        self._rpc.go("pty.Write", self._bytes_t, bytes(data), self._int_t, callback=lambda call: fn(call.error))
 
     def set_size(self, rows: int, cols: int, x: int = 0, y: int = 0) -> None:
         gob, gt = _gob()

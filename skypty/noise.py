@@ -718,11 +718,15 @@ class SecureConn:
         """Small traffic: a read that brings exactly one whole record (a keystroke, an rpc
         reply) is opened straight from the read buffer, skipping both buffers. Anything else
         is left in the ciphertext buffer for _fill (None). Only when not in bulk mode."""
-        chunk = self._recv_chunk()
-        k = len(chunk)
-        if k > 2 and k - 2 == ((chunk[0] << 8) | chunk[1]) <= limits.NOISE_MAX_BODY:
-            return self._recv.open(chunk[2:])
-        self._raw += chunk
+        # _recv_chunk's small-read branch, inline: this runs for every rpc message
+        buf = self._rbuf
+        if buf is None:
+            buf = self._rbuf = memoryview(bytearray(_RECV_SMALL))
+        k = self.stream.recv_into(buf)
+        self._bulk = k == _RECV_SMALL
+        if k > 2 and k - 2 == ((buf[0] << 8) | buf[1]) <= limits.NOISE_MAX_BODY:
+            return self._recv.open(buf[2:k])
+        self._raw += buf[:k]
         return None
 
     def recv(self, n: int = 65536) -> bytes:

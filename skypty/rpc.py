@@ -213,6 +213,7 @@ class RPCServer:
         self._conn = conn
         _rpc_stream(conn)
         self._services: Dict[str, Dict[str, Method]] = {}
+        self._found: Dict[str, Tuple[Method, str]] = {}   # _lookup's hits by ServiceMethod
         self._on_close: List[Callable[[], Any]] = []
         self._enc = Encoder(None, first_id)
         self._reader = BufferedReader(conn)
@@ -253,6 +254,7 @@ class RPCServer:
     def register(self, service_name: str, methods: Sequence[Method],
                  on_close: Optional[Callable[[], Any]] = None) -> None:
         self._services.setdefault(service_name, {}).update({m.name: m for m in methods})
+        self._found.clear()
         if on_close is not None:
             self._on_close.append(on_close)
 
@@ -262,6 +264,9 @@ class RPCServer:
 
     # ---------------------------------------------------------------------------------
     def _lookup(self, sm: str) -> Tuple[Optional[Method], str]:
+        found = self._found.get(sm)
+        if found is not None:
+            return found
         dot = sm.rfind(".")
         if dot < 0:
             return None, "rpc: service/method request ill-formed: " + sm
@@ -271,7 +276,8 @@ class RPCServer:
         m = svc.get(sm[dot + 1:])
         if m is None:
             return None, "rpc: can't find method " + sm
-        return m, ""
+        self._found[sm] = found = (m, "")   # only registered names: the table stays small
+        return found
 
     def _send(self, sm: str, seq: int, err: str, reply_type: GobType, reply: Any) -> None:
         with self._wlock:
