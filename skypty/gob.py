@@ -865,18 +865,6 @@ class Decoder:
 
     # framing --------------------------------------------------------------------------
     def _read_message(self) -> bytes:
-        src = self._src
-        if src is not None:
-            # A message with a one-byte length, buffered whole (or after one read): one slice.
-            # An rpc call or reply is two such messages; this runs for each, so it is inline.
-            if src._pos >= len(src._buf):
-                src._fill()
-            buf, pos = src._buf, src._pos
-            n = buf[pos] if pos < len(buf) else 0
-            end = pos + 1 + n
-            if 0 < n < 0x80 and n <= self._max and end <= len(buf):
-                src._pos = end
-                return buf[pos + 1:end]
         first = self._read(1)   # failing here, before a byte of the message, leaves the stream in sync
         if not first:
             raise EOFError("end of gob stream")
@@ -916,8 +904,23 @@ class Decoder:
         read the bytes itself (see struct_fields)."""
         if self.broken:
             raise ProtocolError("gob: stream is broken")
+        src = self._src
         while True:
-            buf = self._read_message()
+            # A message with a one-byte length, buffered whole (or after one read) is taken
+            # with one slice; an rpc call or reply is two such messages, so this is inline.
+            buf = None
+            if src is not None:
+                if src._pos >= len(src._buf):
+                    src._fill()
+                rb, pos = src._buf, src._pos
+                if pos < len(rb):
+                    n = rb[pos]
+                    end = pos + 1 + n
+                    if 0 < n < 0x80 and end <= len(rb) and n <= self._max:
+                        src._pos = end
+                        buf = rb[pos + 1:end]
+            if buf is None:
+                buf = self._read_message()
             b = buf[0]
             if b < 0x80:   # type ids of one or two bytes (ids < 128), inline
                 pos = 1

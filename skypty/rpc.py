@@ -177,27 +177,23 @@ def _header_bytes(head: bytes, seq: int) -> bytes:
 
 
 def _parse_header(buf: bytes, pos: int) -> Optional[Tuple[str, int]]:
-    """(ServiceMethod, Seq) of a header value laid out as _REQUEST_WIRE / _RESPONSE_WIRE
-    with an ASCII method name and no Error; None for any other bytes, which the general
-    decoder then reads (and reports, if they are garbage)."""
+    """(ServiceMethod, Seq) of a header value laid out as _REQUEST_WIRE / _RESPONSE_WIRE:
+    [0x01 len<128 ASCII name][0x01 Seq>0][0x00], no Error. None for any other bytes (Seq 0,
+    an Error, a long or non-ASCII name, garbage), which the general decoder then reads."""
     try:
-        if buf[pos] != 1:
-            return None
         n = buf[pos + 1]
-        p = pos + 2 + n
+        p = pos + 2 + n          # Seq's field delta
+        b = buf[p + 1]           # Seq's first byte
+        if b < 0x80:
+            seq, end = b, p + 2
+        else:                    # 256 - b big-endian bytes follow
+            end = p + 258 - b
+            seq = int.from_bytes(buf[p + 2:end], "big")
+        # a byte string or integer cut short moved `end` past the message: IndexError
+        if buf[end] or end + 1 != len(buf) or buf[pos] != 1 or buf[p] != 1 or n >= 0x80 or 0x80 <= b < 0xF8:
+            return None
         sm = buf[pos + 2:p]
-        seq = 0
-        if buf[p] == 1:
-            b = buf[p + 1]
-            if b < 0x80:
-                seq, p = b, p + 2
-            else:
-                k = 256 - b
-                if k > 8:
-                    return None
-                seq, p = int.from_bytes(buf[p + 2:p + 2 + k], "big"), p + 2 + k
-        # a short byte string or integer moved p past the end: IndexError here
-        if buf[p] != 0 or p + 1 != len(buf) or n >= 0x80 or not sm.isascii():
+        if not sm.isascii():
             return None
     except IndexError:
         return None

@@ -1169,7 +1169,8 @@ def test_parse_header_agrees_with_the_decoder_or_declines():
             dec = _messages((t, {"ServiceMethod": sm, "Seq": 0}), (t, {"ServiceMethod": sm, "Seq": seq}))
             dec.decode(t)
             tid, buf, pos = dec.next_value()
-            assert rpc._parse_header(buf, pos) == (sm, seq)
+            # Seq 0 (a connection's first call) is left to the general decoder
+            assert rpc._parse_header(buf, pos) == ((sm, seq) if seq else None)
             assert dec.value(tid, buf, pos, t)["Seq"] == seq
     # shapes it leaves to the general decoder
     def body_of(t, hdr):
