@@ -1188,38 +1188,31 @@ def test_parse_header_agrees_with_the_decoder_or_declines():
     assert rpc._parse_header(buf[:pos] + b"\x01\x03a.b\x01\xf7" + b"\x01" * 9 + b"\x00", pos) is None
 
 
-def test_a_peer_with_another_header_layout_is_served_the_general_way(pair):
-    """Wire fields are matched by name: a peer whose Request/Response list their fields in
-    another order (legal gob) must still work call after call, without the short cuts."""
+@pytest.mark.parametrize("fields", [
+    [("Seq", gob.UINT), ("ServiceMethod", gob.STRING)],   # another order: legal gob, served
+    [("Method", gob.STRING), ("Seq", gob.UINT)],          # Go's shape, another name: no ServiceMethod
+], ids=["reordered", "renamed"])
+def test_peer_request_layouts_are_read_by_field_name(pair, fields):
+    """Wire fields are matched by name, call after call (past the first, where the short cuts
+    start): a reordered Request is served; one whose method field has another name has no
+    ServiceMethod and is answered as ill-formed, never read by position."""
     peer, ours = pair
     srv = ServerThread(ours, [("pty", [rpc.Method("Write", T.BYTES, T.INT, len)])])
-    req = gob.Struct("Request", [("Seq", gob.UINT), ("ServiceMethod", gob.STRING)])
+    req = gob.Struct("Request", fields)
+    served = any(name == "ServiceMethod" for name, _ in fields)
     enc = gob.Encoder()
     dec = gob.Decoder(gob.BufferedReader(peer))
     try:
         for seq in range(1, 6):
-            peer.sendall(enc.encode_many([(req, {"ServiceMethod": "pty.Write", "Seq": seq}),
-                                          (T.BYTES, b"x" * seq)]))
-            assert dec.decode(T.RPC_RESPONSE) == {"ServiceMethod": "pty.Write", "Seq": seq, "Error": ""}
-            assert dec.decode(T.INT) == seq
-    finally:
-        srv.stop()
-
-
-def test_header_fields_are_matched_by_name_not_position(pair):
-    """A Request laid out like ours but with another name for the method field has no
-    ServiceMethod: answered as ill-formed every time, never read positionally."""
-    peer, ours = pair
-    srv = ServerThread(ours, [("pty", [rpc.Method("Write", T.BYTES, T.INT, len)])])
-    req = gob.Struct("Request", [("Method", gob.STRING), ("Seq", gob.UINT)])
-    enc = gob.Encoder()
-    dec = gob.Decoder(gob.BufferedReader(peer))
-    try:
-        for seq in range(1, 4):
-            peer.sendall(enc.encode_many([(req, {"Method": "pty.Write", "Seq": seq}), (T.BYTES, b"x")]))
-            assert dec.decode(T.RPC_RESPONSE) == {
-                "ServiceMethod": "", "Seq": seq, "Error": "rpc: service/method request ill-formed: "}
-            dec.skip()
+            hdr = {name: "pty.Write" if t is gob.STRING else seq for name, t in fields}
+            peer.sendall(enc.encode_many([(req, hdr), (T.BYTES, b"x" * seq)]))
+            if served:
+                assert dec.decode(T.RPC_RESPONSE) == {"ServiceMethod": "pty.Write", "Seq": seq, "Error": ""}
+                assert dec.decode(T.INT) == seq
+            else:
+                assert dec.decode(T.RPC_RESPONSE) == {
+                    "ServiceMethod": "", "Seq": seq, "Error": "rpc: service/method request ill-formed: "}
+                dec.skip()
     finally:
         srv.stop()
 
