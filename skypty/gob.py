@@ -25,7 +25,7 @@ __all__ = [
     "GobType", "Basic", "Struct", "Slice", "Array", "Map", "Ptr", "BinaryMarshaler",
     "BOOL", "INT", "INT8", "INT16", "INT32", "INT64", "UINT", "UINT8", "UINT16", "UINT32",
     "UINT64", "FLOAT", "STRING", "BYTES", "EMPTY",
-    "Encoder", "Decoder", "BufferedReader", "dumps", "loads", "zero_value", "enc_uint",
+    "Encoder", "Decoder", "BufferedReader", "dumps", "loads", "zero_value", "enc_uint", "rd_uint",
     "FIRST_USER_ID", "DEFAULT_FIRST_ID",
 ]
 
@@ -279,7 +279,8 @@ def _enc_int(v: int) -> bytes:
     return _enc_uint((v << 1) if v >= 0 else (((~v) << 1) | 1))
 
 
-enc_uint = _enc_uint   # for callers that frame gob bytes themselves (rpc header templates)
+# for callers that frame or read a known layout themselves (rpc headers)
+enc_uint = _enc_uint
 
 
 def _rd_uint(buf: bytes, pos: int) -> Tuple[int, int]:
@@ -296,6 +297,9 @@ def _rd_uint(buf: bytes, pos: int) -> Tuple[int, int]:
     if end > len(buf):
         raise ProtocolError("gob: truncated message")
     return int.from_bytes(buf[pos + 1:end], "big"), end
+
+
+rd_uint = _rd_uint   # (value, position after it); ProtocolError when cut short or over 64 bits
 
 
 def _rd_int(buf: bytes, pos: int) -> Tuple[int, int]:
@@ -815,6 +819,20 @@ class BufferedReader:
             else:
                 self._eof = True
 
+    def small_message(self, limit: int) -> Optional[bytes]:
+        """The next gob message if its length is one byte (< 128, at most `limit`) and it is
+        buffered whole, or can be after one read: taken with one slice (rpc calls and replies).
+        None, consuming nothing, otherwise: the Decoder then reads it the general way."""
+        if self._pos >= len(self._buf):
+            self._fill()
+        buf, pos = self._buf, self._pos
+        n = buf[pos] if pos < len(buf) else 0
+        end = pos + 1 + n
+        if 0 < n < 0x80 and n <= limit and end <= len(buf):
+            self._pos = end
+            return buf[pos + 1:end]
+        return None
+
     def read_exact(self, n: int) -> bytes:
         buf, pos = self._buf, self._pos
         end = pos + n
@@ -906,19 +924,8 @@ class Decoder:
             raise ProtocolError("gob: stream is broken")
         src = self._src
         while True:
-            # A message with a one-byte length, buffered whole (or after one read) is taken
-            # with one slice; an rpc call or reply is two such messages, so this is inline.
-            buf = None
-            if src is not None:
-                if src._pos >= len(src._buf):
-                    src._fill()
-                rb, pos = src._buf, src._pos
-                if pos < len(rb):
-                    n = rb[pos]
-                    end = pos + 1 + n
-                    if 0 < n < 0x80 and end <= len(rb) and n <= self._max:
-                        src._pos = end
-                        buf = rb[pos + 1:end]
+            # an rpc call or reply is two small messages, usually brought by one read
+            buf = src.small_message(self._max) if src is not None else None
             if buf is None:
                 buf = self._read_message()
             b = buf[0]
@@ -963,15 +970,13 @@ class Decoder:
             n = len(buf) - pos - 2
             if 0 <= n < 0x80 and buf[pos] == 0 and buf[pos + 1] == n:
                 return buf[pos + 2:]
-        elif tid == _ID_INT and t is INT and buf[pos:pos + 1] == b"\x00":   # [0x00][uint]
-            n = len(buf) - pos - 1
-            u = buf[pos + 1] if n > 0 else 0x80
-            if u < 0x80:
-                if n == 1:
-                    return ~(u >> 1) if u & 1 else u >> 1
-            elif n == 257 - u <= 9:   # a length byte and that many bytes, the message's rest
-                u = int.from_bytes(buf[pos + 2:], "big")
-                return ~(u >> 1) if u & 1 else u >> 1
+        elif tid == _ID_INT and t is INT and buf[pos:pos + 1] == b"\x00":   # [0x00][int]
+            try:
+                v, end = _rd_int(buf, pos + 1)
+            except ProtocolError:
+                v, end = 0, -1   # the general path below reports it
+            if end == len(buf):
+                return v
         # keyed by id(t): hashing a type descriptor is a Python-level call; the entry keeps
         # t alive, so the id cannot be reused while it is cached
         fast = self._fast.get((tid, id(t)))

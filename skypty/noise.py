@@ -472,9 +472,7 @@ class SendCipher:
             if self._n >= _MAX_NONCE:
                 raise ProtocolError("noise: send nonce exhausted")
             self._n = n = self._n + 1
-        # the nonce inline (_aead_nonce): a call less per keystroke
-        return _HDR.pack(len(data) + 8 + _TAG, n) + self._aead.encrypt(
-            _ZERO4 + n.to_bytes(8, "little"), data, None)
+        return _HDR.pack(len(data) + 8 + _TAG, n) + self._aead.encrypt(_aead_nonce(n), data, None)
 
     def seal_frames(self, data) -> bytearray:
         """All framed records ([u16 len][body]…) for one write, split at 4070 bytes.
@@ -536,7 +534,7 @@ class RecvCipher:
             if self.strict and n <= self._last:
                 raise ProtocolError(f"noise: received nonce {n} is not larger than the previous one ({self._last})")
             try:
-                pt = self._aead.decrypt(_ZERO4 + n.to_bytes(8, "little"), body[8:], None)   # _aead_nonce
+                pt = self._aead.decrypt(_aead_nonce(n), body[8:], None)
             except InvalidTag:
                 raise ProtocolError("noise: transport record failed authentication") from None
             if n > self._last:
@@ -718,15 +716,11 @@ class SecureConn:
         """Small traffic: a read that brings exactly one whole record (a keystroke, an rpc
         reply) is opened straight from the read buffer, skipping both buffers. Anything else
         is left in the ciphertext buffer for _fill (None). Only when not in bulk mode."""
-        # _recv_chunk's small-read branch, inline: this runs for every rpc message
-        buf = self._rbuf
-        if buf is None:
-            buf = self._rbuf = memoryview(bytearray(_RECV_SMALL))
-        k = self.stream.recv_into(buf)
-        self._bulk = k == _RECV_SMALL
-        if k > 2 and k - 2 == ((buf[0] << 8) | buf[1]) <= limits.NOISE_MAX_BODY:
-            return self._recv.open(buf[2:k])
-        self._raw += buf[:k]
+        chunk = self._recv_chunk()
+        k = len(chunk)
+        if k > 2 and k - 2 == ((chunk[0] << 8) | chunk[1]) <= limits.NOISE_MAX_BODY:
+            return self._recv.open(chunk[2:])
+        self._raw += chunk
         return None
 
     def recv(self, n: int = 65536) -> bytes:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import limits
 from .errors import ProtocolError, SkyptyError
-from .gob import DEFAULT_FIRST_ID, EMPTY, STRING, UINT, BufferedReader, Decoder, Encoder, GobType, enc_uint
+from .gob import (DEFAULT_FIRST_ID, EMPTY, STRING, UINT, BufferedReader, Decoder, Encoder, GobType, enc_uint,
+                  rd_uint)
 from .gobtypes import RPC_REQUEST, RPC_RESPONSE
 from .logs import get_logger
 
@@ -155,6 +156,13 @@ _REQUEST_WIRE = (("ServiceMethod", STRING.wire_id), ("Seq", UINT.wire_id))
 _RESPONSE_WIRE = _REQUEST_WIRE + (("Error", STRING.wire_id),)
 
 
+def _remember_template(heads: Dict[str, Optional[bytes]], enc: Encoder, t: GobType, sm: str) -> None:
+    """After sm's first header went out the general way: its template (or None), once, for
+    at most _TEMPLATES_MAX names."""
+    if sm not in heads and len(heads) < _TEMPLATES_MAX:
+        heads[sm] = _header_template(enc, t, sm)
+
+
 def _header_template(enc: Encoder, t: GobType, sm: str) -> Optional[bytes]:
     """The header message for (sm, Seq 0, no Error) without its length byte and final 0x00,
     once t is defined on enc's stream; None if _header_bytes could not rebuild what the
@@ -172,8 +180,7 @@ def _header_template(enc: Encoder, t: GobType, sm: str) -> Optional[bytes]:
 def _header_bytes(head: bytes, seq: int) -> bytes:
     # Seq is field 1 (delta 1 after ServiceMethod); zero is not sent; 0x00 ends the struct
     body = head + b"\x01" + enc_uint(seq) + b"\x00" if seq else head + b"\x00"
-    n = len(body)
-    return (enc_uint(n) if n >= 0x80 else bytes((n,))) + body
+    return enc_uint(len(body)) + body
 
 
 def _parse_header(buf: bytes, pos: int) -> Optional[Tuple[str, int]]:
@@ -183,19 +190,13 @@ def _parse_header(buf: bytes, pos: int) -> Optional[Tuple[str, int]]:
     try:
         n = buf[pos + 1]
         p = pos + 2 + n          # Seq's field delta
-        b = buf[p + 1]           # Seq's first byte
-        if b < 0x80:
-            seq, end = b, p + 2
-        else:                    # 256 - b big-endian bytes follow
-            end = p + 258 - b
-            seq = int.from_bytes(buf[p + 2:end], "big")
-        # a byte string or integer cut short moved `end` past the message: IndexError
-        if buf[end] or end + 1 != len(buf) or buf[pos] != 1 or buf[p] != 1 or n >= 0x80 or 0x80 <= b < 0xF8:
+        seq, end = rd_uint(buf, p + 1)
+        if buf[end] or end + 1 != len(buf) or buf[pos] != 1 or buf[p] != 1 or n >= 0x80:
             return None
-        sm = buf[pos + 2:p]
-        if not sm.isascii():
-            return None
-    except IndexError:
+    except (IndexError, ProtocolError):   # cut short, or a Seq gob cannot hold
+        return None
+    sm = buf[pos + 2:p]
+    if not sm.isascii():
         return None
     return sm.decode("ascii"), seq
 
@@ -287,9 +288,8 @@ class RPCServer:
                 else:
                     hdr = {"ServiceMethod": sm, "Seq": seq, "Error": err}
                     data = enc.encode_many([(RPC_RESPONSE, hdr), (reply_type, reply)])
-                    # only registered methods answer without an error: the table stays small
-                    if not err and sm not in self._heads and len(self._heads) < _TEMPLATES_MAX:
-                        self._heads[sm] = _header_template(enc, RPC_RESPONSE, sm)
+                    if not err:   # only registered methods answer without an error
+                        _remember_template(self._heads, enc, RPC_RESPONSE, sm)
             except Exception as e:   # a method's bad return value must still answer the caller
                 log.warning("rpc: cannot encode reply of %s: %s", sm, e)
                 hdr = {"ServiceMethod": sm, "Seq": seq, "Error": f"rpc: cannot encode reply: {e}"}
@@ -622,8 +622,7 @@ class RPCClient:
             else:
                 data = enc.encode_many([(RPC_REQUEST, {"ServiceMethod": method, "Seq": seq}),
                                         (arg_type, arg)])
-                if method not in self._heads and len(self._heads) < _TEMPLATES_MAX:
-                    self._heads[method] = _header_template(enc, RPC_REQUEST, method)
+                _remember_template(self._heads, enc, RPC_REQUEST, method)
             with self._lock:
                 # Checked again: the reader may have died while we encoded, and a call
                 # registered after _fail() emptied the table would never be woken.

@@ -1186,6 +1186,8 @@ def test_parse_header_agrees_with_the_decoder_or_declines():
         assert rpc._parse_header(buf[:cut], pos) is None
     assert rpc._parse_header(buf + b"\x00", pos) is None
     assert rpc._parse_header(buf[:pos] + b"\x01\x03a.b\x01\xf7" + b"\x01" * 9 + b"\x00", pos) is None
+    # a multi-byte name length whose first byte, read as a length, lands on a plausible Seq
+    assert rpc._parse_header(buf[:pos] + b"\x01\xfe" + b"a" * 254 + b"\x01\x05\x00", pos) is None
 
 
 @pytest.mark.parametrize("fields", [
