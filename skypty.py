@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.realpath(__file__))
+if _HERE not in sys.path:   # run as a script it is sys.path[0] already: a second copy costs every import a search
+    sys.path.insert(0, _HERE)
 
 from skypty.cli import run  # noqa: E402
 

@@ -7,7 +7,6 @@ the web server (cold start is a budget, see bench/).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import os
 import re
@@ -18,7 +17,8 @@ from skypty import __version__, logs
 from skypty.errors import EXIT_INTERRUPTED, EXIT_USAGE, SkyptyError, UsageError
 from skypty.limits import DEFAULT_DMSG_PORT, DEFAULT_TCP_PORT
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+# a pattern, not a compiled regex: re compiles it when a duration is first given (cold start)
+_DURATION_RE = r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)"
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -28,7 +28,7 @@ def parse_duration(text: str) -> float:
     if re.fullmatch(r"\d+(\.\d+)?", s):
         return float(s)
     pos, total = 0, 0.0
-    for m in _DURATION_RE.finditer(s):
+    for m in re.finditer(_DURATION_RE, s):
         if m.start() != pos:
             break
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
@@ -45,9 +45,12 @@ def default_cliaddr() -> str:
 
 
 # Building the tree is on every command's cold start. argparse looks up each of its messages
-# with gettext, which searches the locale directories every time (stat calls: ~40 % of the
-# build), and sizes the terminal for every argument: remember both (one answer per process).
-argparse._ = functools.lru_cache(maxsize=None)(argparse._)
+# with gettext in the default "messages" domain, for which no system ships a catalogue: the
+# answer is always the message itself, but the first lookup imports `locale` and every one
+# searches the locale directories (together ~4 ms of a one-shot exec). Answer it directly.
+# argparse also sizes the terminal for every argument: _Formatter remembers that.
+argparse._ = str
+argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural
 
 
 class _Formatter(argparse.HelpFormatter):

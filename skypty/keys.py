@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from typing import Tuple, Union
 
 import coincurve
@@ -21,14 +20,14 @@ from .errors import KeyFormatError, ProtocolError
 
 __all__ = [
     "PubKey", "SecKey", "SignatureError", "generate_keypair", "ecdh", "noise_dh",
-    "sign", "sign_hash", "verify", "recover", "PUBKEY_LEN", "SECKEY_LEN", "SIG_LEN",
+    "sign", "sign_hash", "verify", "recover", "is_hex", "PUBKEY_LEN", "SECKEY_LEN", "SIG_LEN",
 ]
 
 PUBKEY_LEN = 33
 SECKEY_LEN = 32
 SIG_LEN = 65
 
-_HEX = re.compile(r"[0-9a-fA-F]*\Z")   # bytes.fromhex also accepts spaces; Go does not
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _NULL_PK = bytes(PUBKEY_LEN)
 
 
@@ -36,12 +35,18 @@ class SignatureError(ProtocolError):
     """A signature that is malformed or was not made by the expected key."""
 
 
+def is_hex(s: str) -> bool:
+    """Only hex digits: bytes.fromhex alone also takes spaces, which Go does not. (A set, not
+    a regex: compiling one is ~0.3 ms of every client's cold start.)"""
+    return _HEX_DIGITS.issuperset(s)
+
+
 def _unhex(s: str, what: str, want: int) -> bytes:
     # Never echo the text: a secret key pasted where a public key belongs (or with a stray
     # "0x" or newline) would end up in logs and terminals.
     if not isinstance(s, str):
         raise KeyFormatError(f"invalid {what}: expected a hex string, got {type(s).__name__}")
-    if not _HEX.match(s):
+    if not is_hex(s):
         raise KeyFormatError(f"invalid {what}: not a hex string")
     if len(s) != want * 2:
         raise KeyFormatError(f"invalid {what}: {len(s)} hex characters, want {want * 2}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import limits
 from .errors import ProtocolError, RejectedError, UsageError
@@ -27,12 +27,21 @@ ACCEPT = b"\x00"
 REJECT = b"\x01"
 
 
-class Peer(NamedTuple):
-    """Who is on the other end: pk None on the (unauthenticated) control socket."""
+class Peer:
+    """Who is on the other end: pk None on the (unauthenticated) control socket.
 
-    pk: Optional["PubKey"]
-    addr: str
-    path: str   # "tcp" | "dmsg" | "control"
+    A plain class, not a NamedTuple: building one at import compiles its annotations and a
+    __new__ (~3 ms of every one-shot client's cold start, which imports this module)."""
+
+    __slots__ = ("pk", "addr", "path")
+
+    def __init__(self, pk: Optional["PubKey"], addr: str, path: str) -> None:
+        self.pk = pk
+        self.addr = addr
+        self.path = path   # "tcp" | "dmsg" | "control"
+
+    def __repr__(self) -> str:
+        return f"Peer({self.describe()})"
 
     def describe(self) -> str:
         pk = self.pk.hex() if self.pk is not None else "-"

@@ -52,16 +52,17 @@ def _mlkem_direct():
     The classmethods import cryptography's whole OpenSSL backend module (rsa, ec, padding,
     random, …) only to read three build flags: ~15 ms, a fifth of a one-shot `cli pty exec`.
     Here the same flags are read and the same functions called; if a release moves any of
-    them this returns None and the public API is used (tests/test_noise.py pins both)."""
+    them this returns None and the public API is used (tests/test_noise.py pins both).
+    The flags are what the public API trusts too, so no round trip is run here (it was three
+    ML-KEM operations, ~1 ms of every cold start); a key that fails to generate all the same
+    makes that handshake classical (Handshake._pq_write_payload)."""
     try:
         from cryptography.hazmat.bindings._rust import openssl as rust
 
         if not (rust.CRYPTOGRAPHY_IS_AWSLC or rust.CRYPTOGRAPHY_IS_BORINGSSL
                 or rust.CRYPTOGRAPHY_OPENSSL_350_OR_GREATER):
             return None
-        ops = (rust.mlkem.generate_mlkem768_key, rust.mlkem.from_mlkem768_public_bytes)
-        _mlkem_check(ops)
-        return ops
+        return (rust.mlkem.generate_mlkem768_key, rust.mlkem.from_mlkem768_public_bytes)
     except Exception:  # pragma: no cover - depends on the installed cryptography
         return None
 
@@ -365,8 +366,17 @@ class Handshake:
         if not self._pq:
             return b""
         if self._index == 0 and self.initiator:
-            self._kem_sk = _MLKEM[0]()
-            return self._kem_sk.public_key().public_bytes_raw()
+            try:
+                self._kem_sk = _MLKEM[0]()
+                ek = self._kem_sk.public_key().public_bytes_raw()
+                if len(ek) != MLKEM768_EK_LEN:
+                    raise ValueError(f"{len(ek)}-byte encapsulation key")
+            except Exception as e:   # a backend that turned ML-KEM down after all: classical
+                self._kem_sk = None
+                if self._require_pq:
+                    raise HandshakeError(f"post-quantum key exchange required but ML-KEM-768 failed: {e}") from None
+                return b""
+            return ek
         if self._index == 1 and not self.initiator:
             ct, self._kem_ct = self._kem_ct, b""
             return ct

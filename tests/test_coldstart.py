@@ -8,8 +8,9 @@ import sys
 
 from conftest import ROOT, SKYPTY, free_port
 
-HEAVY = ("fuse", "paramiko", "yaml", "http.server", "logging", "skypty.web", "skypty.fs", "skypty.websocket",
-         "skypty.services.sftp")
+# locale: argparse's gettext lookups pull it in unless cli.py answers them itself
+HEAVY = ("fuse", "paramiko", "yaml", "http.server", "logging", "locale", "skypty.web", "skypty.fs",
+         "skypty.websocket", "skypty.services.sftp")
 
 
 def _imported(argv: list) -> set:

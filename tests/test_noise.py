@@ -797,6 +797,24 @@ def test_without_mlkem_pq_degrades_to_classical(monkeypatch):
         assert srv.recv_exact(9) == b"classical"
 
 
+@needs_pq
+def test_an_mlkem_key_that_fails_to_generate_makes_the_handshake_classical(monkeypatch):
+    """The direct ML-KEM path trusts the build flags (no self-test at load): should the
+    backend refuse after all, the initiator offers no key, unless PQ is required."""
+    def refuse():
+        raise RuntimeError("backend says no")
+
+    monkeypatch.setattr(noise, "_MLKEM", (refuse, noise._mlkem_ops()[1]))
+    cli, srv = _handshaken(pq=True)
+    with cli, srv:
+        assert not cli.pq and not srv.pq
+        cli.sendall(b"classical")
+        assert srv.recv_exact(9) == b"classical"
+    a, b = generate_keypair()[1], generate_keypair()[1]
+    with pytest.raises(HandshakeError, match="ML-KEM-768 failed: backend says no"):
+        Handshake("XK", True, a, b.pubkey(), require_pq=True).write_message()
+
+
 def test_send_nonce_overflow_is_refused_and_nothing_advances():
     key = os.urandom(32)
     s = SendCipher(key)
