@@ -49,9 +49,10 @@ class _HTTPReader:
                 raise ProtocolError("exec-stream: connection closed mid-response")
 
     def read_some(self, n: int) -> bytes:
-        if not self._buf and not self._fill():
-            return b""
-        out = bytes(self._buf[:n])
+        if not self._buf:
+            return self._conn.recv(n)   # nothing buffered: the read as it came, not copied twice
+        with memoryview(self._buf) as m:
+            out = bytes(m[:n])
         del self._buf[:n]
         return out
 
@@ -227,35 +228,37 @@ def _capped(chunks, cap: int):
 
 
 def _read_frames(chunks, sink: _Sink) -> None:
-    """[u8 tag][u32 BE len][payload] frames; they may straddle HTTP chunks."""
-    buf = bytearray()
-    need_hdr = True
-    tag = length = 0
+    """[u8 tag][u32 BE len][payload] frames; they may straddle HTTP chunks. A payload goes on
+    as a view of the chunk it came in: a bulk download's bytes are not copied here at all."""
+    hdr = b""          # a frame header cut short by the end of a chunk
+    tag = left = 0     # the frame being read and how many of its payload bytes are to come
     for part in chunks:
-        buf += part
-        while True:
-            if need_hdr:
-                if len(buf) < 5:
+        pos, n = 0, len(part)
+        view = None
+        while pos < n:
+            if not left:
+                take = min(5 - len(hdr), n - pos)
+                hdr += part[pos:pos + take]
+                pos += take
+                if len(hdr) < 5:
                     break
-                tag, length = buf[0], int.from_bytes(buf[1:5], "big")
+                tag, left = hdr[0], int.from_bytes(hdr[1:5], "big")
+                hdr = b""
                 if tag > 2:
                     raise ProtocolError(f"exec-stream: unknown frame tag {tag}")
-                if length > limits.EXECSTREAM_MAX_FRAME_PAYLOAD:
-                    raise ProtocolError(f"exec-stream: frame of {length} bytes > max")
-                del buf[:5]
-                need_hdr = False
-            if not buf and length:
-                break
-            take = min(length, len(buf))
-            if take:
-                sink.write(tag, bytes(buf[:take]))   # deliver partial frames live
-                del buf[:take]
-                length -= take
-            if length == 0:
-                need_hdr = True
+                if left > limits.EXECSTREAM_MAX_FRAME_PAYLOAD:
+                    raise ProtocolError(f"exec-stream: frame of {left} bytes > max")
+                continue
+            take = min(left, n - pos)
+            if take == n:
+                sink.write(tag, part)
             else:
-                break
-    if buf or not need_hdr:
+                if view is None:
+                    view = memoryview(part)
+                sink.write(tag, view[pos:pos + take])   # deliver partial frames live
+            pos += take
+            left -= take
+    if hdr or left:
         raise ProtocolError("exec-stream: body ended inside a frame")
 
 

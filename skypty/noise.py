@@ -551,6 +551,39 @@ class RecvCipher:
                 self._last = n
         return pt
 
+    def open_frames(self, buf, pos: int, out: bytearray) -> int:
+        """Open every whole [u16 length][record] frame of `buf` from `pos` on, appending the
+        plaintexts to `out`; the position after the last one. SecureConn's bulk path: one lock
+        and no call per record (a 256 MiB download is 66k records). Raises ProtocolError as
+        open() does, the records before the bad one already in `out` and counted in nonce."""
+        n = len(buf)
+        aead = self._aead
+        strict = self.strict
+        with self._lock, memoryview(buf) as mv:
+            last = self._last
+            try:
+                while n - pos >= 2:
+                    length = (buf[pos] << 8) | buf[pos + 1]
+                    if length > limits.NOISE_MAX_BODY:
+                        raise ProtocolError(f"noise: frame length {length} exceeds the maximum {limits.NOISE_MAX_BODY}")
+                    if n - pos - 2 < length:
+                        break
+                    if length < 8 + _TAG:
+                        raise ProtocolError(f"noise: transport record too short ({length} bytes)")
+                    nonce = int.from_bytes(mv[pos + 2:pos + 10], "big")
+                    if strict and nonce <= last:
+                        raise ProtocolError(f"noise: received nonce {nonce} is not larger than the previous one ({last})")
+                    try:
+                        out += aead.decrypt(_ZERO4 + nonce.to_bytes(8, "little"), mv[pos + 10:pos + 2 + length], None)
+                    except InvalidTag:
+                        raise ProtocolError("noise: transport record failed authentication") from None
+                    if nonce > last:
+                        last = nonce
+                    pos += 2 + length
+            finally:
+                self._last = last
+        return pos
+
 
 # --- frames ---------------------------------------------------------------------------------
 
@@ -654,36 +687,21 @@ class SecureConn:
     def _fill(self) -> None:
         """Decrypt at least one non-empty record into the plaintext buffer, or set EOF."""
         raw = self._raw
-        rc = self._recv
+        plain = self._plain
         while True:
-            pos = 0
-            n = len(raw)
-            got = False
-            # On a protocol error the buffer is left as is: the error is sticky and the
-            # traceback may still pin a view of it.
+            had = len(plain)
+            # On a protocol error the buffer is left as is: the error is sticky.
             # Records before a bad one are still delivered; the error surfaces after them.
             try:
-                with memoryview(raw) as mv:
-                    while n - pos >= 2:
-                        length = (raw[pos] << 8) | raw[pos + 1]
-                        if length > limits.NOISE_MAX_BODY:
-                            raise ProtocolError(f"noise: frame length {length} exceeds the maximum"
-                                                f" {limits.NOISE_MAX_BODY}")
-                        if n - pos - 2 < length:
-                            break
-                        pt = rc.open(mv[pos + 2:pos + 2 + length])
-                        pos += 2 + length
-                        if pt:
-                            self._plain += pt
-                            got = True
+                pos = self._recv.open_frames(raw, 0, plain)
             except ProtocolError as e:
-                if not got:
+                if len(plain) == had:
                     raise
                 self._err = e
                 return
             if pos:
                 del raw[:pos]
-            if got:
+            if len(plain) > had:
                 return
             chunk = self._recv_chunk()
             if not chunk:
