@@ -52,8 +52,11 @@ class _HTTPError(Exception):
         self.headers = headers or {}
 
 
+_FRAME_HEAD = struct.Struct(">BI")   # [u8 tag][u32 BE payload length]
+
+
 def encode_frame(tag: int, payload: bytes) -> bytes:
-    return struct.pack(">BI", tag, len(payload)) + payload
+    return _FRAME_HEAD.pack(tag, len(payload)) + payload
 
 
 class _Reader:
@@ -254,11 +257,14 @@ class _ChunkedWriter:
         self._lock = threading.Lock()
         self._finished = False
 
-    def chunk(self, data: bytes) -> None:
-        if self.dead or not data:
+    def chunk(self, data: bytes, head: bytes = b"") -> None:
+        """One HTTP chunk of head + data, put together in one copy (a download's every byte
+        passes here)."""
+        size = len(head) + len(data)
+        if self.dead or not size:
             return
         try:
-            self.conn.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+            self.conn.sendall(b"".join((b"%x\r\n" % size, head, data, b"\r\n")))
         except Exception:  # noqa: B902 - any transport failure means the client is gone
             self.gone()
 
@@ -332,7 +338,8 @@ def _run(conn, req: dict, framed: bool, peer) -> None:
             def emit(tag: int):
                 def cb(data: bytes) -> None:
                     for i in range(0, len(data), limits.EXECSTREAM_MAX_FRAME_PAYLOAD):
-                        out.chunk(encode_frame(tag, data[i:i + limits.EXECSTREAM_MAX_FRAME_PAYLOAD]))
+                        piece = data[i:i + limits.EXECSTREAM_MAX_FRAME_PAYLOAD]   # all of it: no copy
+                        out.chunk(piece, head=_FRAME_HEAD.pack(tag, len(piece)))
                 return cb
             on_out, on_err = emit(TAG_STDOUT), emit(TAG_STDERR)
         else:
