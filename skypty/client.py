@@ -7,8 +7,8 @@ user can meet (unreachable host, wrong pinned key, client key not whitelisted) i
 """
 from __future__ import annotations
 
+import _socket   # not socket: see netutil
 import os
-import socket
 import sys
 import threading
 import time
@@ -20,7 +20,7 @@ from .errors import (EXIT_REMOTE_FAILED, EXIT_TIMEOUT, HandshakeError, KeyFormat
                      ProtocolError, RejectedError, SkyptyError, UsageError)
 from .keys import PubKey, SecKey, generate_keypair
 from .logs import get_logger
-from .netutil import set_keepalive
+from .netutil import connect_tcp, set_keepalive
 
 __all__ = [
     "PtyClient", "open_pty_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp", "resolve_identity",
@@ -211,19 +211,19 @@ def _result_defaults(res: Optional[dict]) -> dict:
 
 # ---------------------------------------------------------------------------------- dialing
 
-def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
+def _connect_tcp(host: str, port: int, timeout: float):
     where = format_hostport(host, port)
     try:
         # an ASCII host goes down as bytes: a str is IDNA-encoded first, which imports the
         # idna codec (and unicodedata) on every cold start for nothing
-        sock = socket.create_connection((host.encode("ascii") if host.isascii() else host, port), timeout=timeout)
-    except socket.timeout:
+        sock = connect_tcp(host.encode("ascii") if host.isascii() else host, port, timeout)
+    except _socket.timeout:
         raise SkyptyError(f"cannot reach {where}: connection timed out") from None
-    except socket.gaierror as e:
+    except _socket.gaierror as e:
         raise SkyptyError(f"cannot resolve {host}: {e.strerror or e}") from None
     except OSError as e:
         raise SkyptyError(f"cannot reach {where}: {e.strerror or e}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # interactive keystrokes
+    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)   # interactive keystrokes
     set_keepalive(sock)   # a host that vanished must not leave this client waiting for ever
     return sock
 

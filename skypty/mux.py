@@ -7,7 +7,7 @@ An rpc factory that raises: close without writing a byte (the client sees EOF).
 """
 from __future__ import annotations
 
-import socket
+import _socket   # not socket: see netutil
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
@@ -64,7 +64,7 @@ def request(conn: Any, uri: str, timeout: Optional[float] = None) -> None:
         conn.settimeout(timeout)
     try:
         r = conn.recv(1)
-    except socket.timeout:
+    except _socket.timeout:
         raise ProtocolError("failed to read response: timeout") from None
     except OSError as e:
         raise ProtocolError(f"failed to read response: {e.strerror or e}") from None
@@ -97,7 +97,7 @@ def _read_request(conn: Any, timeout: float) -> bytes:
                 conn.settimeout(left)
             try:
                 chunk = conn.recv(n - len(out))
-            except socket.timeout:
+            except _socket.timeout:
                 raise ProtocolError("mux request timed out") from None
             if not chunk:
                 raise ProtocolError("EOF before the mux request")

@@ -9,16 +9,21 @@ Three ways a connection ends, each for a reason the peer can tell apart:
 - `reset_close`: close with SO_LINGER 0, so the peer gets RST whatever it sent. The TCP host
   sheds over-cap connections this way; our client retries only a reset handshake, and reports
   an EOF (what a wrong pinned key produces) at once.
+
+Modules on the client's path (this one, client, noise, mux, rpc) take their socket names from
+`_socket`, the C module that `socket` wraps, and dial with `connect_tcp`: importing `socket`
+(its enum conversions and `selectors`) was 8 % of a one-shot `cli pty exec` (bench/). The
+host's own modules keep `socket`; both kinds of object have what these modules call.
 """
 from __future__ import annotations
 
-import socket
+import _socket
 import struct
 import time
 
 from skypty import limits
 
-__all__ = ["close_conn", "close_after_drain", "reset_close", "set_keepalive", "steady_allocator"]
+__all__ = ["connect_tcp", "close_conn", "close_after_drain", "reset_close", "set_keepalive", "steady_allocator"]
 
 
 def close_conn(conn) -> None:
@@ -27,7 +32,7 @@ def close_conn(conn) -> None:
         return
     if hasattr(conn, "shutdown"):
         try:
-            conn.shutdown(socket.SHUT_RDWR)
+            conn.shutdown(_socket.SHUT_RDWR)
         except (OSError, TypeError):   # TypeError: a stream whose shutdown() takes no argument
             pass
     try:
@@ -42,7 +47,7 @@ def close_after_drain(conn, limit: int, wait: float) -> None:
         if hasattr(conn, "shutdown_write"):
             conn.shutdown_write()
         else:
-            conn.shutdown(socket.SHUT_WR)
+            conn.shutdown(_socket.SHUT_WR)
     except (OSError, AttributeError):
         return
     deadline = time.monotonic() + wait
@@ -61,10 +66,32 @@ def close_after_drain(conn, limit: int, wait: float) -> None:
         return
 
 
-def reset_close(sock: socket.socket) -> None:
+def connect_tcp(host, port: int, timeout: float):
+    """socket.create_connection's job: each address getaddrinfo gives, in order, until one
+    connects (raising the last error otherwise); the socket keeps `timeout`. A _socket.socket:
+    recv, recv_into, sendall, setsockopt, settimeout, shutdown, close, fileno as socket's."""
+    err = None
+    for family, kind, proto, _, addr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+    if err is None:
+        raise OSError(f"no address for {host!r}")
+    try:
+        raise err
+    finally:
+        err = None   # the traceback would keep the frame (and itself) alive
+
+
+def reset_close(sock) -> None:
     """Close with RST (SO_LINGER on, timeout 0)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
     try:
@@ -73,7 +100,7 @@ def reset_close(sock: socket.socket) -> None:
         pass
 
 
-def set_keepalive(sock: socket.socket) -> None:
+def set_keepalive(sock) -> None:
     """TCP keepalive with short probes (IDLE + INTERVAL * COUNT s to declare a peer dead).
 
     After the handshake nothing on the TCP path has a timeout (rpc and the pty wait forever
@@ -84,12 +111,12 @@ def set_keepalive(sock: socket.socket) -> None:
     Options the platform lacks are skipped.
     """
     idle, interval, count = limits.TCP_KEEPALIVE_IDLE, limits.TCP_KEEPALIVE_INTERVAL, limits.TCP_KEEPALIVE_COUNT
-    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    opts = [(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)]
     for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
-        if hasattr(socket, name):
-            opts.append((socket.IPPROTO_TCP, getattr(socket, name), int(value)))
-    if not hasattr(socket, "TCP_KEEPIDLE") and hasattr(socket, "TCP_KEEPALIVE"):   # macOS spelling
-        opts.append((socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, int(idle)))
+        if hasattr(_socket, name):
+            opts.append((_socket.IPPROTO_TCP, getattr(_socket, name), int(value)))
+    if not hasattr(_socket, "TCP_KEEPIDLE") and hasattr(_socket, "TCP_KEEPALIVE"):   # macOS spelling
+        opts.append((_socket.IPPROTO_TCP, _socket.TCP_KEEPALIVE, int(idle)))
     for level, opt, value in opts:
         try:
             sock.setsockopt(level, opt, value)

@@ -19,9 +19,9 @@ Wire facts (crypto-dmsg.md §2, §4; pty.md §1.2-§1.3):
 """
 from __future__ import annotations
 
+import _socket   # not socket: see netutil
 import hashlib
 import hmac
-import socket
 import struct
 import threading
 import time
@@ -594,7 +594,7 @@ def _read_exact(stream, n: int, deadline: Optional[float] = None) -> bytes:
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout("timed out")
+                raise _socket.timeout("timed out")
             stream.settimeout(left)
         chunk = stream.recv(n - len(buf))
         if not chunk:
@@ -607,7 +607,7 @@ def _read_exact(stream, n: int, deadline: Optional[float] = None) -> bytes:
 
 def read_frame(stream, deadline: Optional[float] = None, max_len: int = limits.NOISE_MAX_BODY) -> bytes:
     """Read one [u16 BE len][body] frame. EOFError at a clean end, ProtocolError on a bad or cut
-    frame; socket.timeout once `deadline` (time.monotonic()) passes. dmsg session objects pass
+    frame; _socket.timeout once `deadline` (time.monotonic()) passes. dmsg session objects pass
     max_len=65535 (any u16 is legal there)."""
     (length,) = _U16.unpack(_read_exact(stream, 2, deadline))
     if length > max_len:
@@ -810,7 +810,7 @@ class SecureConn:
             if hasattr(s, "shutdown_write"):
                 s.shutdown_write()
             else:
-                s.shutdown(socket.SHUT_WR)
+                s.shutdown(_socket.SHUT_WR)
         except OSError:
             pass
 
@@ -822,7 +822,7 @@ class SecureConn:
         # shutdown() wakes a thread blocked in recv(); close() alone does not on Linux.
         if hasattr(s, "shutdown"):
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                s.shutdown(_socket.SHUT_RDWR)
             except (OSError, TypeError):
                 pass
         try:
@@ -846,7 +846,7 @@ class SecureConn:
 def _describe(e: BaseException) -> str:
     if isinstance(e, EOFError):
         return "EOF"
-    if isinstance(e, socket.timeout):
+    if isinstance(e, _socket.timeout):
         return "timed out"
     if isinstance(e, (HandshakeError, ProtocolError)):
         return str(e)
@@ -876,7 +876,7 @@ def _run(sock, hs: Handshake, timeout: Optional[float], context: str,
             sock.close()
         except OSError:
             pass
-        suffix = f" after {timeout:g}s" if isinstance(e, socket.timeout) and timeout is not None else ""
+        suffix = f" after {timeout:g}s" if isinstance(e, _socket.timeout) and timeout is not None else ""
         raise HandshakeError(f"noise handshake failed ({context}): {_describe(e)}{suffix}") from None
     return SecureConn(sock, send, recv, hs.remote_pk, hs._spub, pq=hs.pq)
 

@@ -10,8 +10,8 @@ idle for hours); RPCClient.call(timeout=…) bounds each call instead.
 """
 from __future__ import annotations
 
+import _socket   # not socket: see netutil
 import select
-import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -133,7 +133,7 @@ def _no_timeout(conn: Any) -> None:
 
 def _shutdown(conn: Any) -> None:
     try:
-        conn.shutdown(socket.SHUT_RDWR)
+        conn.shutdown(_socket.SHUT_RDWR)
     except Exception:  # not a socket, already closed, or no shutdown(): close() will do
         pass
     try:

@@ -8,9 +8,10 @@ import sys
 
 from conftest import ROOT, SKYPTY, free_port
 
-# locale: argparse's gettext lookups pull it in unless cli.py answers them itself
-HEAVY = ("fuse", "paramiko", "yaml", "http.server", "logging", "locale", "skypty.web", "skypty.fs",
-         "skypty.websocket", "skypty.services.sftp")
+# locale: argparse's gettext lookups pull it in unless cli.py answers them itself;
+# socket (and its selectors): the client path uses _socket (netutil.connect_tcp)
+HEAVY = ("fuse", "paramiko", "yaml", "http.server", "logging", "locale", "socket", "selectors", "skypty.web",
+         "skypty.fs", "skypty.websocket", "skypty.services.sftp")
 
 
 def _imported(argv: list) -> set:

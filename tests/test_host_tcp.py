@@ -874,3 +874,31 @@ def test_steady_allocator_keeps_bulk_buffers_on_the_heap():
         assert r.returncode == 0, r.stderr
         got[how] = r.stdout.strip()
     assert got == {"default": "mapped", "steady": "heap"}
+
+
+def test_connect_tcp_tries_each_address_and_keeps_the_timeout():
+    """netutil.connect_tcp does socket.create_connection's job on the client path: a name
+    with several addresses connects to the first that answers; nothing answering is the
+    last error."""
+    from skypty.netutil import connect_tcp
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo("localhost", port, 0, socket.SOCK_STREAM)}
+        assert "127.0.0.1" in addrs
+        s = connect_tcp("localhost", port, 3.5)   # where localhost is ::1 too, that one is refused first
+        try:
+            assert s.getpeername()[:2] == ("127.0.0.1", port) and s.gettimeout() == 3.5
+            peer, _ = srv.accept()
+            s.sendall(b"ok")
+            assert peer.recv(2) == b"ok"
+            peer.close()
+        finally:
+            s.close()
+    finally:
+        srv.close()
+    with pytest.raises(ConnectionRefusedError):
+        connect_tcp("127.0.0.1", port, 3.0)
