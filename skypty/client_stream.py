@@ -29,8 +29,8 @@ class _HTTPReader:
         self._conn = conn
         self._buf = bytearray()
 
-    def _fill(self) -> bool:
-        data = self._conn.recv(65536)
+    def _fill(self, n: int = 65536) -> bool:
+        data = self._conn.recv(n)
         if not data:
             return False
         self._buf += data
@@ -45,7 +45,9 @@ class _HTTPReader:
                 return line.rstrip(b"\r\n")
             if len(self._buf) > limit:
                 raise ProtocolError("exec-stream: HTTP line too long")
-            if not self._fill():
+            # a line at a time: what follows a chunk-size line is that chunk, which read_some
+            # then takes from the connection itself, not copied through this buffer
+            if not self._fill(256):
                 raise ProtocolError("exec-stream: connection closed mid-response")
 
     def read_some(self, n: int) -> bytes:

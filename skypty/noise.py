@@ -147,10 +147,9 @@ PQ_HKDF_INFO = b"skywire-pq-hybrid-v1"
 _DHLEN = 33          # compressed point, and the DH output length
 _TAG = 16
 _U16 = struct.Struct(">H")
-_HDR = struct.Struct(">HQ")  # frame length + record nonce, written together
+_HDR = struct.Struct(">HQ")  # frame length + record nonce, written (and read) together
 _MAX_NONCE = (1 << 64) - 1
 _MAX_OBJECT_PLAINTEXT = 0xFFFF - 8 - 16   # a u16 frame body holds the nonce and the tag too
-_ZERO4 = b"\x00\x00\x00\x00"
 
 # (pre-message keys, message token lists); "rs" = responder static, "is" = initiator static
 _PATTERNS = {
@@ -159,8 +158,8 @@ _PATTERNS = {
 }
 
 
-def _aead_nonce(n: int) -> bytes:
-    return _ZERO4 + n.to_bytes(8, "little")
+# The ChaCha20-Poly1305 nonce of counter n: 4 zero bytes, then n as u64 little-endian.
+_aead_nonce = struct.Struct("<4xQ").pack
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
@@ -563,18 +562,20 @@ class RecvCipher:
             last = self._last
             try:
                 while n - pos >= 2:
-                    length = (buf[pos] << 8) | buf[pos + 1]
+                    if n - pos >= 10:
+                        length, nonce = _HDR.unpack_from(buf, pos)
+                    else:   # too few bytes for a record: only its length can be judged yet
+                        length, nonce = (buf[pos] << 8) | buf[pos + 1], 0
                     if length > limits.NOISE_MAX_BODY:
                         raise ProtocolError(f"noise: frame length {length} exceeds the maximum {limits.NOISE_MAX_BODY}")
                     if n - pos - 2 < length:
                         break
                     if length < 8 + _TAG:
                         raise ProtocolError(f"noise: transport record too short ({length} bytes)")
-                    nonce = int.from_bytes(mv[pos + 2:pos + 10], "big")
                     if strict and nonce <= last:
                         raise ProtocolError(f"noise: received nonce {nonce} is not larger than the previous one ({last})")
                     try:
-                        out += aead.decrypt(_ZERO4 + nonce.to_bytes(8, "little"), mv[pos + 10:pos + 2 + length], None)
+                        out += aead.decrypt(_aead_nonce(nonce), mv[pos + 10:pos + 2 + length], None)
                     except InvalidTag:
                         raise ProtocolError("noise: transport record failed authentication") from None
                     if nonce > last:
