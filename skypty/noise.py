@@ -586,6 +586,15 @@ class RecvCipher:
         return pos
 
 
+def _missing(raw) -> int:
+    """Bytes the frame at the start of `raw` still lacks (to its length field, if that is cut);
+    0 once it is whole, or when its length is over the cap (open_frames refuses it then)."""
+    if len(raw) < 2:
+        return 2 - len(raw)
+    length = (raw[0] << 8) | raw[1]
+    return 0 if length > limits.NOISE_MAX_BODY else max(0, 2 + length - len(raw))
+
+
 # --- frames ---------------------------------------------------------------------------------
 
 def _read_exact(stream, n: int, deadline: Optional[float] = None) -> bytes:
@@ -686,31 +695,50 @@ class SecureConn:
         return len(self._plain) - self._ppos
 
     def _fill(self) -> None:
-        """Decrypt at least one non-empty record into the plaintext buffer, or set EOF."""
+        """Decrypt at least one non-empty record into the plaintext buffer, or set EOF.
+
+        A read is opened where it landed: only a frame cut by its end is copied into _raw
+        (the whole read was, before: one more pass over every byte of a bulk transfer)."""
         raw = self._raw
         plain = self._plain
+        rc = self._recv
+        chunk: Any = b""
         while True:
             had = len(plain)
-            # On a protocol error the buffer is left as is: the error is sticky.
+            # On a protocol error the buffers are left as they are: the error is sticky.
             # Records before a bad one are still delivered; the error surfaces after them.
             try:
-                pos = self._recv.open_frames(raw, 0, plain)
+                if raw:
+                    # raw holds at most the start of one frame once its whole ones are out:
+                    # complete it from the read (its length first, if even that was cut)
+                    pos = rc.open_frames(raw, 0, plain)
+                    if pos:
+                        del raw[:pos]
+                    need = _missing(raw)
+                    while need and chunk:
+                        raw += chunk[:need]
+                        chunk = chunk[need:]
+                        need = _missing(raw)
+                    if raw and not need:
+                        del raw[:rc.open_frames(raw, 0, plain)]
+                if chunk and not raw:
+                    pos = rc.open_frames(chunk, 0, plain)
+                    raw += chunk[pos:]
+                chunk = b""
             except ProtocolError as e:
                 if len(plain) == had:
                     raise
                 self._err = e
                 return
-            if pos:
-                del raw[:pos]
             if len(plain) > had:
                 return
-            chunk = self._recv_chunk()
-            if not chunk:
+            got = self._recv_chunk()
+            if not got:
                 if raw:
                     raise ProtocolError(f"noise: connection closed inside a frame ({len(raw)} bytes left over)")
                 self._eof = True
                 return
-            raw += chunk
+            chunk = memoryview(got)
 
     def prefer_small_reads(self) -> None:
         """For request/response traffic (rpc): see _recv_chunk. No-op on a stream without

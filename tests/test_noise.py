@@ -1127,3 +1127,54 @@ def test_while_waiting_runs_once_while_the_responder_is_on_message_2():
     with cli, srv.get() as s:
         s.sendall(b"ok")
         assert cli.recv_exact(2) == b"ok"
+
+
+class _Pieces:
+    """A stream that hands out prepared bytes in pieces of the given sizes (cycled), never
+    more than asked: frames cut anywhere, length fields included."""
+
+    def __init__(self, data, sizes, into=False):
+        self._data, self._pos, self._sizes, self._i = bytes(data), 0, list(sizes), 0
+        if into:
+            self.recv_into = self._recv_into
+
+    def recv(self, n):
+        k = min(n, self._sizes[self._i % len(self._sizes)], len(self._data) - self._pos)
+        self._i += 1
+        out = self._data[self._pos:self._pos + k]
+        self._pos += k
+        return out
+
+    def _recv_into(self, buf):
+        piece = self.recv(len(buf))
+        buf[:len(piece)] = piece
+        return len(piece)
+
+    def sendall(self, data):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("into", [False, True])
+@pytest.mark.parametrize("sizes", [[1], [2], [3, 1], [7], [4095, 1], [4096], [9000, 5], [262144], [11, 70000, 1, 2]])
+def test_secure_conn_opens_frames_cut_anywhere(sizes, into):
+    """Records of every size, read in pieces that cut frames (and their length fields) at
+    every kind of place, come out whole and in order; a forged record later on still lets
+    every record before it through, then fails for good."""
+    key = os.urandom(32)
+    send = SendCipher(key)
+    msgs = [b"k", os.urandom(100), os.urandom(4070), os.urandom(4071), os.urandom(65536 + 3), b"z" * 9]
+    wire = b"".join(bytes(send.seal_frames(m)) for m in msgs)
+    bad = bytearray(send.seal_frames(b"forged"))
+    bad[-1] ^= 1
+    conn = SecureConn(_Pieces(wire + bytes(bad) + bytes(send.seal_frames(b"never")), sizes, into), None,
+                      RecvCipher(key), None, None)
+    if into:
+        conn.prefer_small_reads()
+    for m in msgs:
+        assert conn.recv_exact(len(m)) == m
+    for _ in range(2):   # sticky
+        with pytest.raises(ProtocolError, match="authentication"):
+            conn.recv(1)
