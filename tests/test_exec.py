@@ -198,3 +198,17 @@ def test_deadline_kills_while_an_output_callback_blocks():
     assert pump(proc, b"", time.monotonic() + 0.5, stuck, lambda _d: None) is True
     assert seen == [False]
     assert proc.returncode is not None
+
+
+def test_a_child_spawned_before_kill_all_but_pumped_after_it_is_killed():
+    """kill_all may look before a just-spawned child joins the live set (or give up waiting)
+    and re-arm; that child's pump must still kill it, not run it to its deadline."""
+    from skypty.services.exec import kill_all, pump, spawn
+
+    proc = spawn("sleep", ["600"], [], stdin=False)
+    kill_all(wait=0.1)   # nothing pumps the child yet: kill_all stops waiting and re-arms
+    out = []
+    t0 = time.monotonic()
+    assert pump(proc, b"", t0 + 30, out.append, out.append) is True
+    assert time.monotonic() - t0 < 15 and proc.returncode is not None
+    assert run_exec({"Name": "echo", "Arg": ["after"]})["Stdout"] == b"after\n"

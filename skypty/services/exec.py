@@ -34,6 +34,9 @@ _LIVE_LOCK = threading.Lock()
 # group id cannot have been reused by then).
 _SHUTDOWN_R, _SHUTDOWN_W = os.pipe()
 _KILL_LOCK = threading.Lock()
+# Bumped by kill_all. A child whose spawn began before a kill_all but joined _LIVE after it
+# looked (and re-armed the pipe) would miss it: its pump compares generations instead.
+_KILL_GEN = [0]
 
 
 class ExecError(SkyptyError):
@@ -77,6 +80,7 @@ def _oserror_text(path: str, e: BaseException) -> str:
 def spawn(name: str, args: List[str], env: Optional[Iterable[str]], stdin: bool) -> subprocess.Popen:
     """Start `name args…` in a new session with pipes; raise SpawnError with Go's text."""
     path = resolve_command(name)
+    gen = _KILL_GEN[0]
     try:
         proc = subprocess.Popen(
             [name] + [str(a) for a in (args or [])], executable=path, env=merge_env(env),
@@ -85,6 +89,7 @@ def spawn(name: str, args: List[str], env: Optional[Iterable[str]], stdin: bool)
             start_new_session=True, close_fds=True)
     except (OSError, ValueError) as e:
         raise SpawnError(_oserror_text(path, e)) from None
+    proc.skypty_kill_gen = gen
     with _LIVE_LOCK:
         _LIVE.add(proc)
     return proc
@@ -93,6 +98,8 @@ def spawn(name: str, args: List[str], env: Optional[Iterable[str]], stdin: bool)
 def kill_all(wait: float = 5.0) -> None:
     """Make every running pump SIGKILL its process group, and wait (bounded) until they did."""
     with _KILL_LOCK:
+        with _LIVE_LOCK:
+            _KILL_GEN[0] += 1
         try:
             os.write(_SHUTDOWN_W, b"x")
         except OSError:
@@ -203,7 +210,8 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
     for fd in cancel_fds:
         sel.register(fd, selectors.EVENT_READ)
     next_tick = time.monotonic() + tick_interval if tick and tick_interval else None
-    killed = False
+    # spawned while a kill_all ran that could not see it yet (see _KILL_GEN)
+    killed = getattr(proc, "skypty_kill_gen", _KILL_GEN[0]) != _KILL_GEN[0]
     guard = threading.Lock()
     state = {"done": False, "fired": False}
 
@@ -221,7 +229,7 @@ def pump(proc: subprocess.Popen, stdin_data: bytes, deadline: float,
     timer.daemon = True
     timer.start()
     try:
-        while outs or running():
+        while not killed and (outs or running()):
             now = time.monotonic()
             if now >= deadline:
                 killed = True
