@@ -20,7 +20,7 @@ from .errors import (EXIT_REMOTE_FAILED, EXIT_TIMEOUT, HandshakeError, KeyFormat
                      ProtocolError, RejectedError, SkyptyError, UsageError)
 from .keys import PubKey, SecKey, generate_keypair
 from .logs import get_logger
-from .netutil import connect_tcp, set_keepalive
+from .netutil import connect_tcp
 
 __all__ = [
     "PtyClient", "open_pty_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp", "resolve_identity",
@@ -223,8 +223,6 @@ def _connect_tcp(host: str, port: int, timeout: float):
         raise SkyptyError(f"cannot resolve {host}: {e.strerror or e}") from None
     except OSError as e:
         raise SkyptyError(f"cannot reach {where}: {e.strerror or e}") from None
-    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)   # interactive keystrokes
-    set_keepalive(sock)   # a host that vanished must not leave this client waiting for ever
     return sock
 
 

@@ -67,25 +67,25 @@ def close_after_drain(conn, limit: int, wait: float) -> None:
 
 
 def connect_tcp(host, port: int, timeout: float):
-    """socket.create_connection's job: each address getaddrinfo gives, in order, until one
-    connects (raising the last error otherwise); the socket keeps `timeout`. A _socket.socket:
-    recv, recv_into, sendall, setsockopt, settimeout, shutdown, close, fileno as socket's."""
-    err = None
+    """Every outgoing TCP connection: socket.create_connection's job (each address getaddrinfo
+    gives, in order, until one connects; the last error otherwise), then TCP_NODELAY (our
+    traffic is keystrokes and rpc turns) and set_keepalive. The socket keeps `timeout`. A
+    _socket.socket: recv, recv_into, sendall, setsockopt, settimeout, shutdown, close, fileno
+    as socket's."""
+    err: OSError = OSError(f"no address for {host!r}")
     for family, kind, proto, _, addr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
         sock = _socket.socket(family, kind, proto)
         try:
             sock.settimeout(timeout)
             sock.connect(addr)
-            return sock
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         except OSError as e:
             sock.close()
             err = e
-    if err is None:
-        raise OSError(f"no address for {host!r}")
-    try:
-        raise err
-    finally:
-        err = None   # the traceback would keep the frame (and itself) alive
+            continue
+        set_keepalive(sock)
+        return sock
+    raise err
 
 
 def reset_close(sock) -> None:

@@ -877,9 +877,9 @@ def test_steady_allocator_keeps_bulk_buffers_on_the_heap():
 
 
 def test_connect_tcp_tries_each_address_and_keeps_the_timeout():
-    """netutil.connect_tcp does socket.create_connection's job on the client path: a name
-    with several addresses connects to the first that answers; nothing answering is the
-    last error."""
+    """netutil.connect_tcp, every outgoing TCP connection: a name with several addresses
+    connects to the first that answers, with TCP_NODELAY and keepalive; nothing answering is
+    the last error."""
     from skypty.netutil import connect_tcp
 
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -892,6 +892,8 @@ def test_connect_tcp_tries_each_address_and_keeps_the_timeout():
         s = connect_tcp("localhost", port, 3.5)   # where localhost is ::1 too, that one is refused first
         try:
             assert s.getpeername()[:2] == ("127.0.0.1", port) and s.gettimeout() == 3.5
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
             peer, _ = srv.accept()
             s.sendall(b"ok")
             assert peer.recv(2) == b"ok"

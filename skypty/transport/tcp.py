@@ -18,7 +18,7 @@ from typing import Dict, Optional, Set, Tuple
 
 from skypty import limits
 from skypty.errors import HandshakeError, SkyptyError, UsageError
-from skypty.netutil import close_conn, reset_close, set_keepalive
+from skypty.netutil import close_conn, connect_tcp, reset_close, set_keepalive
 
 __all__ = ["TCPServer", "dial_tcp", "parse_listen_addr", "display_addr"]
 
@@ -225,14 +225,12 @@ def dial_tcp(host: str, port: int, sk, remote_pk, timeout: float = limits.TCP_DI
 
     where = display_addr(host, port)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = connect_tcp(host, port, timeout)
     except socket.timeout:
         raise SkyptyError(f"dial tcp {where}: timed out after {timeout:g}s") from None
     except OSError as e:
         raise SkyptyError(f"dial tcp {where}: {(e.strerror or str(e)).lower()}") from None
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        set_keepalive(sock)
         return noise.client_handshake(sock, sk, remote_pk, timeout=limits.HANDSHAKE_TIMEOUT, pq=pq,
                                       require_pq=require_pq)
     except BaseException as e:
