@@ -535,17 +535,29 @@ class RecvCipher:
         """The nonce of the last accepted record (0 before the first)."""
         return self._last
 
+    # The rules of a record, for open() (one record: the keystroke path) and open_frames()
+    # (every record of a read: bulk), which inline them rather than call per record.
+    @staticmethod
+    def _too_short(length: int) -> ProtocolError:
+        return ProtocolError(f"noise: transport record too short ({length} bytes)")
+
+    @staticmethod
+    def _replayed(n: int, last: int) -> ProtocolError:
+        return ProtocolError(f"noise: received nonce {n} is not larger than the previous one ({last})")
+
+    _FORGED = "noise: transport record failed authentication"
+
     def open(self, body) -> bytes:
         if len(body) < 8 + _TAG:
-            raise ProtocolError(f"noise: transport record too short ({len(body)} bytes)")
+            raise self._too_short(len(body))
         n = int.from_bytes(body[:8], "big")
         with self._lock:
             if self.strict and n <= self._last:
-                raise ProtocolError(f"noise: received nonce {n} is not larger than the previous one ({self._last})")
+                raise self._replayed(n, self._last)
             try:
                 pt = self._aead.decrypt(_aead_nonce(n), body[8:], None)
             except InvalidTag:
-                raise ProtocolError("noise: transport record failed authentication") from None
+                raise ProtocolError(self._FORGED) from None
             if n > self._last:
                 self._last = n
         return pt
@@ -571,13 +583,13 @@ class RecvCipher:
                     if n - pos - 2 < length:
                         break
                     if length < 8 + _TAG:
-                        raise ProtocolError(f"noise: transport record too short ({length} bytes)")
+                        raise self._too_short(length)
                     if strict and nonce <= last:
-                        raise ProtocolError(f"noise: received nonce {nonce} is not larger than the previous one ({last})")
+                        raise self._replayed(nonce, last)
                     try:
                         out += aead.decrypt(_aead_nonce(nonce), mv[pos + 10:pos + 2 + length], None)
                     except InvalidTag:
-                        raise ProtocolError("noise: transport record failed authentication") from None
+                        raise ProtocolError(self._FORGED) from None
                     if nonce > last:
                         last = nonce
                     pos += 2 + length
