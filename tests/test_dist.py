@@ -88,6 +88,6 @@ def test_vendored_zipapp_runs_without_installed_dependencies(tmp_path):
         p.stderr.close()
 
     # a cache another user could write into is never imported from
-    os.chmod(cache / "skypty", 0o777)
+    os.chmod(cache / "skypty", 0o775)   # group-writable is enough to be refused
     r = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode != 0 and "not private" in r.stderr
