@@ -263,6 +263,8 @@ def _start_flags(st: argparse.ArgumentParser) -> None:
     st.add_argument("--cliaddr", help="local control socket used for the dmsg proxy")
     st.add_argument("--dmsgdisc", help="dmsg discovery URL (with --standalone)")
     st.add_argument("--via-visor", action="store_true", help=argparse.SUPPRESS)
+    st.add_argument("--no-pty-stream", action="store_true",
+                    help="interactive: speak the Go pty protocol (dmsgpty/pty calls) to a skypty host too")
     _identity_flags(st, visor_key_default=False)
     _handler(st, "skypty.client:cmd_start", "pty start", one_shot=True)
 
@@ -278,6 +280,8 @@ def _shell_flags(sh: argparse.ArgumentParser) -> None:
     sh.add_argument("--standalone", action="store_true", help=argparse.SUPPRESS)
     sh.add_argument("--stream", action="store_true", help="stream exec output live (exec-stream)")
     sh.add_argument("--json", action="store_true", help="print one JSON object with the exec result")
+    sh.add_argument("--no-pty-stream", action="store_true",
+                    help="interactive: speak the Go pty protocol (dmsgpty/pty calls) to a skypty host too")
     _identity_flags(sh, visor_key_default=True)
     _handler(sh, "skypty.client:cmd_shell", "pty shell", one_shot=True)
 

@@ -23,7 +23,7 @@ from .logs import get_logger
 from .netutil import connect_tcp
 
 __all__ = [
-    "PtyClient", "open_pty_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp", "resolve_identity",
+    "PtyClient", "open_pty_tcp", "open_interactive_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp", "resolve_identity",
     "exit_code_for", "result_json", "exec_stream_tcp", "node_exec",
     "cmd_shell", "cmd_exec", "cmd_start", "PTY_URI", "DEFAULT_VISOR_CONFIGS",
 ]
@@ -304,6 +304,22 @@ def open_pty_tcp(host: str, port: int, remote_pk: PubKey, sk: SecKey,
     return PtyClient(dial_uri_tcp(host, port, remote_pk, sk, PTY_URI, timeout))
 
 
+def open_interactive_tcp(host: str, port: int, remote_pk: PubKey, sk: SecKey,
+                         timeout: float = limits.TCP_DIAL_TIMEOUT):
+    """A client for an interactive session: the pty-stream subsystem on a skypty host (one
+    message per keystroke and per output chunk), `dmsgpty/pty` on a host without it (a Go
+    host answers the request with 0x01; that costs one more handshake, once per session)."""
+    from .client_ptystream import PtyStreamClient
+    from .services.ptystream import PTY_STREAM_URI
+
+    try:
+        return PtyStreamClient(dial_uri_tcp(host, port, remote_pk, sk, PTY_STREAM_URI, timeout))
+    except RejectedError as e:
+        if "whitelisted" in str(e):
+            raise
+    return open_pty_tcp(host, port, remote_pk, sk, timeout)
+
+
 def open_pty_standalone(pk: PubKey, port: int, sk: SecKey, disc_url: Optional[str] = None) -> PtyClient:
     """An ephemeral dmsg client (no node needed) dials pk:port and opens `dmsgpty/pty`."""
     from .config import DEFAULT_DMSGDISC
@@ -501,17 +517,27 @@ def _read_stdin_script() -> bytes:
                      " pass a command (after --) instead")
 
 
+def _stdin_is_tty() -> bool:
+    try:
+        return os.isatty(0)
+    except (OSError, ValueError):
+        return False
+
+
+def _interactive_opener(args):
+    """pty-stream for a terminal session unless told otherwise; a piped script needs Exec (rpc)."""
+    if _stdin_is_tty() and not getattr(args, "no_pty_stream", False):
+        return open_interactive_tcp
+    return open_pty_tcp
+
+
 def _run_interactive(client: PtyClient, timeout_ms: int = limits.EXEC_DEFAULT_TIMEOUT_MS) -> int:
     """A shell in a remote pty wired to our terminal. When our stdin is not a terminal, do what
     ssh does: no pty; the shell reads its commands from our stdin (<= 1 MiB) and exits at its end
     (a pty shell would race its startup against the ^D that ends a piped script)."""
     from .terminal import run_interactive
 
-    try:
-        tty = os.isatty(0)
-    except (OSError, ValueError):
-        tty = False
-    if not tty:
+    if not _stdin_is_tty():
         script = _read_stdin_script()
         res = client.exec(DEFAULT_CMD, [], env=_interactive_env(), stdin=script, timeout_ms=timeout_ms)
         return _emit_result(res, False, min(timeout_ms, limits.EXEC_MAX_TIMEOUT_MS))
@@ -535,7 +561,7 @@ def cmd_shell(args) -> int:
         return _run_exec_tcp(dest, sk, command, env, timeout_ms, args.stream, args.json, "pty shell")
     if args.json or args.stream:
         raise UsageError("--json and --stream apply to a command (after --)")
-    client = open_pty_tcp(dest.host, dest.port, dest.pk, sk)
+    client = _interactive_opener(args)(dest.host, dest.port, dest.pk, sk)
     try:
         return _run_interactive(client, timeout_ms)
     finally:
@@ -603,7 +629,7 @@ def cmd_start(args) -> int:
     if tcp is None and args.transport == "tcp":
         raise UsageError("--transport tcp needs --via tcp://<pk>@host:port")
     if tcp is not None:
-        client = open_pty_tcp(tcp.host, tcp.port, tcp.pk, resolve_identity(args, "pty start"))
+        client = _interactive_opener(args)(tcp.host, tcp.port, tcp.pk, resolve_identity(args, "pty start"))
     elif args.standalone:
         if target is None:
             raise UsageError("--standalone needs a <pk> to dial")

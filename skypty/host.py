@@ -42,6 +42,7 @@ class Host:
         from skypty import mux
         from skypty.services.execstream import EXEC_STREAM_URI, serve_exec_stream
         from skypty.services.pty import pty_factory
+        from skypty.services.ptystream import PTY_STREAM_URI, serve_pty_stream
 
         self.sk = sk
         self.pk = sk.pubkey()
@@ -60,6 +61,7 @@ class Host:
             self.remote_mux.add_raw(SFTP_URI, self._serve_sftp)
         # else: no route, so the mux answers 0x01 as an older Go host does
         self.remote_mux.add_raw(EXEC_STREAM_URI, serve_exec_stream)
+        self.remote_mux.add_raw(PTY_STREAM_URI, serve_pty_stream)
 
         self.local_mux = mux.MuxTable()
         self.local_mux.add_rpc(PTY_URI, pty_factory)

@@ -17,7 +17,7 @@ import os
 import select
 import signal
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from . import limits
 from .errors import SkyptyError
@@ -62,7 +62,9 @@ class EscapeFilter:
         self.pending = False   # saw '~' at a line start, waiting for the next byte
 
     def feed(self, data: bytes) -> Tuple[bytes, bool]:
-        if not self.pending and b"~" not in data:   # the usual case (and a paste): no byte loop
+        # the usual case (and a paste): no byte loop. find(), not `in`: `in` on bytes first
+        # tries the operand as an int and formats the TypeError it then swallows
+        if not self.pending and data.find(b"~") < 0:
             if data:
                 self.at_line_start = data[-1] in (0x0D, 0x0A)
             return bytes(data), False
@@ -96,6 +98,28 @@ def _write_fd(fd: int, data: bytes) -> None:
             select.select([], [fd], [])
             continue
         view = view[n:]
+
+
+class _InlineWriter:
+    """_Writer's interface for a client whose writes complete as they are sent (pty-stream):
+    nothing is in flight, so nothing to order or bound; the socket's buffer pushes back."""
+
+    def __init__(self, client, on_error) -> None:
+        self._client = client
+        self._on_error = on_error
+        self.error: Optional[BaseException] = None
+
+    def has_room(self) -> bool:
+        return True
+
+    def send(self, data: bytes) -> bool:
+        if self.error is None:
+            try:
+                self._client.write(data)
+            except Exception as e:
+                self.error = e
+                self._on_error(e)
+        return self.error is None
 
 
 class _SignalExit(Exception):
@@ -229,7 +253,8 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
         outcome["write_error"] = _describe(err)
         poke(b"X")
 
-    writer = _Writer(client, on_write_error, lambda: poke(b"R"))
+    writer: Any = (_InlineWriter(client, on_write_error) if getattr(client, "writes_inline", False)
+                   else _Writer(client, on_write_error, lambda: poke(b"R")))
 
     def pinger() -> None:
         while not done.wait(limits.PING_INTERVAL):

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import select
 import shlex
 import signal
@@ -484,6 +485,7 @@ def test_interactive_shell(host, tmp_path):
         child.expect_exact(PROMPT)
         child.sendline("exit")
         child.expect(pexpect.EOF)
+    assert _last_accept(host) == b"skypty/pty-stream"   # skypty to skypty
 
 
 @needs_host
@@ -499,10 +501,23 @@ def test_interactive_tilde_escapes(host, tmp_path):
         child.expect(pexpect.EOF)
 
 
+def _last_accept(host) -> bytes:
+    with open(host.log.name, "rb") as f:
+        return re.findall(rb"mux: accept " + host.client_pk.hex().encode() + rb"@\S+ \(tcp\) (\S+)\n", f.read())[-1]
+
+
+@needs_host
+def test_interactive_no_pty_stream_speaks_the_go_protocol(host, tmp_path):
+    check_window_size(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args, "--no-pty-stream"],
+                      rows=23, cols=81)
+    assert _last_accept(host) == b"dmsgpty/pty"
+
+
 @needs_host
 def test_interactive_start_via(host, tmp_path):
     check_window_size(str(tmp_path), ["cli", "pty", "start", "--via", f"tcp://{host.dest}", *host.sk_args],
                       rows=25, cols=90)
+    assert _last_accept(host) == b"skypty/pty-stream"
 
 
 @needs_host
@@ -671,9 +686,11 @@ def test_identity_resolution_order(host, tmp_path):
     assert r.returncode == 2 and "--sk" in one_line(r.stderr)
 
 
-def test_stream_falls_back_on_an_older_host(tmp_path):
-    """An older host answers the exec-stream URI with 0x01: --stream falls back to buffered Exec.
-    The stand-in host is built from the real pieces (XK responder, mux table, pty service)."""
+@contextlib.contextmanager
+def older_host():
+    """A host with `dmsgpty/pty` alone, as a Go host or an older skypty: it answers the
+    exec-stream and pty-stream URIs with 0x01. Built from the real pieces (XK responder, mux
+    table, pty service). Yields (destination, client sk hex)."""
     import socket
 
     from skypty import mux, noise
@@ -682,11 +699,12 @@ def test_stream_falls_back_on_an_older_host(tmp_path):
     hpk, hsk = generate_keypair()
     cpk, csk = generate_keypair()
     table = mux.MuxTable()
-    table.add_rpc("dmsgpty/pty", pty_factory)      # no exec-stream: an older binary
+    table.add_rpc("dmsgpty/pty", pty_factory)
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(8)
     port = ls.getsockname()[1]
+    seen = []
 
     def serve_one(s):
         try:
@@ -696,6 +714,7 @@ def test_stream_falls_back_on_an_older_host(tmp_path):
         if conn.remote_pk != cpk:
             conn.close()
             return
+        seen.append(conn)
         table.serve(conn, mux.Peer(conn.remote_pk, "test", "tcp"))
 
     def accept_loop():
@@ -709,11 +728,34 @@ def test_stream_falls_back_on_an_older_host(tmp_path):
     t = threading.Thread(target=accept_loop, daemon=True)
     t.start()
     try:
-        r = run_skypty("cli", "pty", "shell", f"{hpk.hex()}@127.0.0.1:{port}", "--sk", csk.hex(), "--stream",
-                       "--", "sh", "-c", "echo buffered; exit 2")
+        yield f"{hpk.hex()}@127.0.0.1:{port}", csk.hex()
     finally:
         ls.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept()
         ls.close()
         t.join(5)
+        for conn in seen:
+            conn.close()
+
+
+def test_stream_falls_back_on_an_older_host():
+    """--stream on a host without exec-stream: buffered Exec, said on stderr."""
+    with older_host() as (dest, sk):
+        r = run_skypty("cli", "pty", "shell", dest, "--sk", sk, "--stream", "--", "sh", "-c", "echo buffered; exit 2")
     assert (r.returncode, r.stdout) == (2, b"buffered\n")
     assert "no exec-stream subsystem" in one_line(r.stderr)
+
+
+def test_interactive_shell_falls_back_to_rpc_on_an_older_host(tmp_path):
+    """A host without pty-stream (a Go host): the same session over `dmsgpty/pty`'s calls."""
+    with older_host() as (dest, sk):
+        with interactive(str(tmp_path), ["cli", "pty", "shell", dest, "--sk", sk], rows=26, cols=88) as child:
+            child.sendline("stty size")
+            child.expect_exact("26 88")
+            child.expect_exact(PROMPT)
+            child.setwinsize(30, 99)
+            child.sendline("stty size")
+            child.expect_exact("30 99")
+            child.expect_exact(PROMPT)
+            child.send("~.")
+            child.expect_exact("[disconnected]")
+            child.expect(pexpect.EOF)

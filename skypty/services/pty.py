@@ -21,14 +21,14 @@ import signal
 import struct
 import termios
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from skypty import limits
 from skypty.errors import SkyptyError
 from skypty.rpc import AGAIN, Later, Wait
 from skypty.services.exec import SpawnError, describe_peer, kill_session, merge_env, resolve_command, run_exec
 
-__all__ = ["PTY_RPC_NAME", "PtyError", "PtyGateway", "pty_service", "pty_factory", "stop_all"]
+__all__ = ["PTY_RPC_NAME", "PtyError", "PtyGateway", "pty_service", "pty_factory", "open_gateway", "stop_all"]
 
 PTY_RPC_NAME = "pty"
 log = logging.getLogger("skypty.pty")
@@ -170,6 +170,29 @@ class PtyGateway:
             return got
 
         return Wait((fd, proc.wake_r), ready, proc.release)
+
+    def pump_output(self, send: Callable[[bytes], Any], n: int = limits.PTY_READ_MAX) -> str:
+        """send(output) as it comes, up to n bytes at a time, until the program ends or Stop;
+        returns what a Read would then have said (ERR_EOF, ERR_EIO, …). For the pty-stream
+        subsystem: no call per chunk, one thread waits on the master for the session."""
+        try:
+            proc, fd = self._use()
+        except PtyError as e:
+            return str(e)
+        try:
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            p.register(proc.wake_r, select.POLLIN)
+            while True:
+                p.poll()
+                try:
+                    data = self._try_read(proc, fd, n)
+                except PtyError as e:
+                    return str(e)
+                if data is not None:
+                    send(data)
+        finally:
+            proc.release()
 
     @staticmethod
     def _try_read(proc: "_PtyProc", fd: int, n: int) -> Optional[bytes]:
@@ -457,19 +480,26 @@ _LIVE: Dict[int, PtyGateway] = {}
 _LIVE_LOCK = threading.Lock()
 
 
-def pty_factory(conn, query, peer):
-    """`mux.add_rpc` factory: one gateway per connection, stopped when the connection ends."""
+def open_gateway(peer=None) -> Tuple[PtyGateway, Callable[[], None]]:
+    """A gateway for one connection, known to stop_all, and the function that ends it
+    (connection end = Stop) and forgets it."""
     gw = PtyGateway(peer)
     with _LIVE_LOCK:
         _LIVE[id(gw)] = gw
 
-    def _ended() -> None:
+    def ended() -> None:
         with _LIVE_LOCK:
             _LIVE.pop(id(gw), None)
         gw.close()
 
+    return gw, ended
+
+
+def pty_factory(conn, query, peer):
+    """`mux.add_rpc` factory: one gateway per connection, stopped when the connection ends."""
+    gw, ended = open_gateway(peer)
     name, methods = pty_service(peer, gw)
-    return [(name, methods, _ended)]
+    return [(name, methods, ended)]
 
 
 def stop_all() -> None:

@@ -1,0 +1,121 @@
+"""Client of the pty-stream subsystem (services/ptystream.py): an interactive session to a
+skypty host with one message per keystroke and one per output chunk.
+
+`PtyStreamClient` offers what terminal.run_interactive uses of a PtyClient (start, read_then,
+set_size, ping, close) with the same meanings, so the terminal loop is one for both protocols;
+input goes out with write(), which returns once it is sent (`writes_inline`: nothing to wait
+for, unlike pty.Write). The reader thread hands each output frame to the read_then callback,
+which re-arms by calling read_then again (as it issues the next Read over rpc); a callback
+that does not stops the delivery.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+from .errors import ProtocolError, SkyptyError
+from .netutil import close_conn
+from .services.ptystream import (MAX_PAYLOAD, T_DATA, T_ENDED, T_FAILED, T_PING, T_SIZE, T_START, T_STARTED,
+                                 FrameReader, frame, start_payload, winsize_payload)
+
+__all__ = ["PtyStreamClient"]
+
+_DATA_HEAD = struct.Struct(">BI").pack
+START_TIMEOUT = 30.0   # fork+exec of the remote shell on a slow box; the host answers at once otherwise
+
+
+class PtyStreamClient:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        small = getattr(conn, "prefer_small_reads", None)
+        if small is not None:
+            small()
+        self._rd = FrameReader(conn)
+        self._fn: Optional[Callable[[bytes, Optional[BaseException]], Any]] = None
+        self._armed = False
+        self._reader: Optional[threading.Thread] = None
+        self._closed = False
+
+    def start(self, name: str, args: Sequence[str] = (), size: Optional[Tuple[int, int]] = None,
+              env: Optional[Sequence[str]] = None) -> None:
+        self.conn.sendall(frame(T_START, start_payload(name, args, env, size)))
+        try:
+            got = self._rd.next(time.monotonic() + START_TIMEOUT)
+        except OSError as e:
+            raise SkyptyError(f"pty-stream: no answer to Start: {e.strerror or e}") from None
+        self.conn.settimeout(None)   # then the session may idle for hours
+        if got is None:
+            raise SkyptyError("pty-stream: the host closed the connection before the session started")
+        tag, payload = got
+        if tag == T_FAILED:
+            raise SkyptyError(payload.decode("utf-8", "replace") or "pty-stream: Start failed")
+        if tag != T_STARTED:
+            raise ProtocolError(f"pty-stream: unexpected frame {tag:#04x} in answer to Start")
+
+    def read_then(self, fn: Callable[[bytes, Optional[BaseException]], Any], n: int = 0) -> None:
+        """fn(output, None) for the next output, fn(b"", EOFError(text)) once the remote program
+        ended, fn(b"", err) if the link broke. n is ignored (the host sends what it has)."""
+        self._fn = fn
+        self._armed = True
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read_loop, daemon=True, name="pty-stream-in")
+            self._reader.start()
+
+    def _read_loop(self) -> None:
+        rd = self._rd
+        err: BaseException
+        try:
+            while True:
+                got = rd.next()
+                if got is None:
+                    err = ConnectionError("the host closed the connection")
+                    break
+                tag, payload = got
+                if tag == T_DATA:
+                    if not payload:
+                        continue
+                    self._armed = False
+                    self._fn(payload, None)
+                    if not self._armed:
+                        return   # the caller stopped reading (stdout gone, or done)
+                elif tag == T_ENDED:
+                    err = EOFError(payload.decode("utf-8", "replace") or "EOF")
+                    break
+                else:
+                    raise ProtocolError(f"pty-stream: unexpected frame {tag:#04x}")
+        except Exception as e:   # the caller must hear of every end
+            err = e
+        self._fn(b"", err)
+
+    writes_inline = True   # write() returns once the input is sent: nothing is acknowledged
+
+    def write(self, data: bytes) -> int:
+        """Send input to the remote pty (in frames of at most MAX_PAYLOAD)."""
+        if len(data) <= MAX_PAYLOAD:
+            self.conn.sendall(_DATA_HEAD(T_DATA, len(data)) + data)
+        else:
+            view = memoryview(data)
+            for off in range(0, len(view), MAX_PAYLOAD):
+                self.conn.sendall(frame(T_DATA, bytes(view[off:off + MAX_PAYLOAD])))
+        return len(data)
+
+    def set_size(self, rows: int, cols: int, x: int = 0, y: int = 0) -> None:
+        self.conn.sendall(frame(T_SIZE, winsize_payload(rows, cols, x, y)))
+
+    def ping(self, timeout: Optional[float] = None) -> None:
+        self.conn.sendall(frame(T_PING))
+
+    def close(self) -> None:
+        """Hang up: the host stops the pty when the connection ends."""
+        if not self._closed:
+            self._closed = True
+            close_conn(self.conn)
+
+    def __enter__(self) -> "PtyStreamClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,224 @@
+"""The pty-stream subsystem: an interactive pty as two byte streams, a skypty extension.
+
+Go's `dmsgpty/pty` is net/rpc: every keystroke is a Write call and its reply, and output only
+flows while the client keeps a Read call outstanding, so one echo costs four messages and a
+gob round on each. Between two skypty peers an interactive session takes this route instead:
+keystrokes and output flow as frames, one message each way per echo, as in an ssh channel.
+A client tries it first and falls back to `dmsgpty/pty` on a host that answers the mux request
+with 0x01 (a Go host, an older skypty). Upstream has nothing like it: the URI is ours.
+
+After the mux accepted, both directions carry frames `[u8 tag][u32 BE length][payload]`
+(the exec-stream framing), payload at most PTY_READ_MAX bytes:
+
+  client -> host   'S' Start, first and once: JSON {"Name", "Arg", "Env", "Size": {"Rows",
+                       "Cols", "X", "Y"}} with pty.Start's meaning (the CommandReq fields)
+                   'D' input for the pty        'W' window size, 4 x u16 BE rows cols x y
+                   'P' keepalive (ignored)
+  host -> client   'A' started                  'E' Start failed: the reason, then close
+                   'D' output of the pty        'X' the program ended: what a Read would
+                                                    have said ("EOF", "read /dev/ptmx: …"), then close
+
+The host serves the input on the connection's thread and the output on one more; the pty and
+its lifetime are PtyGateway's, exactly as for `dmsgpty/pty` (connection end = Stop).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+from typing import Any, Optional, Tuple
+
+from skypty import limits
+from skypty.errors import ProtocolError, SkyptyError
+from skypty.netutil import close_after_drain, close_conn
+
+__all__ = ["PTY_STREAM_URI", "FrameReader", "frame", "parse_start", "serve_pty_stream",
+           "T_START", "T_DATA", "T_SIZE", "T_PING", "T_STARTED", "T_FAILED", "T_ENDED"]
+
+PTY_STREAM_URI = "skypty/pty-stream"
+
+T_START, T_DATA, T_SIZE, T_PING = b"S"[0], b"D"[0], b"W"[0], b"P"[0]
+T_STARTED, T_FAILED, T_ENDED = b"A"[0], b"E"[0], b"X"[0]
+MAX_PAYLOAD = limits.PTY_READ_MAX
+
+_HEAD = struct.Struct(">BI")
+_WINSIZE = struct.Struct(">HHHH")
+
+log = logging.getLogger("skypty.ptystream")
+
+
+def frame(tag: int, payload: bytes = b"") -> bytes:
+    return _HEAD.pack(tag, len(payload)) + payload
+
+
+def winsize_payload(rows: int, cols: int, x: int = 0, y: int = 0) -> bytes:
+    clamp = lambda v: max(0, min(int(v), 0xFFFF))  # noqa: E731
+    return _WINSIZE.pack(clamp(rows), clamp(cols), clamp(x), clamp(y))
+
+
+class FrameReader:
+    """Frames off a stream with recv(n). next() -> (tag, payload), None at a clean EOF;
+    ProtocolError for a frame over MAX_PAYLOAD or a stream cut inside a frame."""
+
+    __slots__ = ("_conn", "_buf")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._buf = b""
+
+    def next(self, deadline: Optional[float] = None) -> Optional[Tuple[int, bytes]]:
+        """deadline (time.monotonic()): the whole frame must be in by then, or TimeoutError."""
+        buf = self._buf
+        while True:
+            if len(buf) >= 5:
+                tag, n = _HEAD.unpack_from(buf)
+                if n > MAX_PAYLOAD:
+                    raise ProtocolError(f"pty-stream: frame of {n} bytes (max {MAX_PAYLOAD})")
+                end = 5 + n
+                if len(buf) >= end:
+                    self._buf = buf[end:]
+                    return tag, buf[5:end]
+            if deadline is not None:   # a total bound, not one per read: no trickling
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("pty-stream: timed out waiting for a frame")
+                self._conn.settimeout(left)
+            chunk = self._conn.recv(MAX_PAYLOAD + 5)
+            if not chunk:
+                self._buf = b""
+                if buf:
+                    raise ProtocolError("pty-stream: connection ended inside a frame")
+                return None
+            # a keystroke's frame comes whole: no copy then; a big one is put together once
+            buf = buf + chunk if buf else chunk
+
+
+def _field(obj: dict, key: str, kind: type, zero):
+    value = obj.get(key)
+    if value is None:
+        return zero
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError(f"pty-stream: Start: {key} has the wrong type")
+    return value
+
+
+def parse_start(payload: bytes) -> dict:
+    """A Start payload as the CommandReq dict PtyGateway.start takes; ProtocolError if malformed."""
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"pty-stream: Start: bad json: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("pty-stream: Start: not a JSON object")
+    name = _field(obj, "Name", str, "")
+    args = _field(obj, "Arg", list, [])
+    env = _field(obj, "Env", list, [])
+    if not all(isinstance(a, str) for a in args + env):
+        raise ProtocolError("pty-stream: Start: Arg and Env must be lists of strings")
+    size = _field(obj, "Size", dict, None)
+    if size is not None:
+        size = {k: _field(size, k, int, 0) for k in ("Rows", "Cols", "X", "Y")}
+        if not all(0 <= v <= 0xFFFF for v in size.values()):
+            raise ProtocolError("pty-stream: Start: Size out of range")
+    return {"Name": name, "Arg": args, "Env": env, "Size": size}
+
+
+def _no_constant(token: str):
+    raise ValueError(f"invalid JSON value {token}")
+
+
+def start_payload(name: str, args, env, size: Optional[Tuple[int, int]]) -> bytes:
+    req = {"Name": name, "Arg": list(args or ()), "Env": list(env or ())}
+    if size:
+        req["Size"] = {"Rows": int(size[0]), "Cols": int(size[1]), "X": 0, "Y": 0}
+    return json.dumps(req).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------- host
+
+def serve_pty_stream(conn: Any, query=None, peer=None) -> None:
+    """mux raw handler: one pty for the connection, stopped when the connection ends."""
+    from skypty.services.pty import PtyError, open_gateway
+
+    gw, ended = open_gateway(peer)
+    out: Optional[threading.Thread] = None
+    input_done = threading.Event()
+    small = getattr(conn, "prefer_small_reads", None)
+    if small is not None:
+        small()   # keystrokes: a cheap read each (see SecureConn._recv_chunk)
+    try:
+        rd = FrameReader(conn)
+        try:   # Start comes right after the request
+            first = rd.next(time.monotonic() + limits.MUX_REQUEST_TIMEOUT)
+        except OSError as e:
+            log.info("pty-stream: %s: no Start: %s", _who(peer), e)
+            return
+        if first is None or first[0] != T_START:
+            log.info("pty-stream: %s: the first frame is not a Start", _who(peer))
+            return
+        conn.settimeout(None)   # a session idles for hours
+        try:
+            gw.start(parse_start(first[1]))
+        except (PtyError, ProtocolError) as e:
+            log.info("pty-stream: %s: Start failed: %s", _who(peer), e)
+            conn.sendall(frame(T_FAILED, str(e).encode("utf-8", "replace")))
+            return
+        conn.sendall(frame(T_STARTED))
+        out = threading.Thread(target=_pump_output, args=(gw, conn, input_done), daemon=True,
+                               name="pty-stream-out")
+        out.start()
+        try:
+            _pump_input(gw, rd)
+        finally:
+            input_done.set()
+    except (ProtocolError, OSError) as e:
+        log.info("pty-stream: %s: %s", _who(peer), e)
+    finally:
+        ended()   # Stop: the output thread sees the pty end and leaves
+        if out is not None:
+            out.join(limits.CLOSE_DRAIN_TIMEOUT + 1.0)
+        # what the client typed after the end is read and dropped: closing on unread
+        # input would reset the connection, and the client could lose the 'X' frame
+        close_after_drain(conn, limits.REJECT_DRAIN_MAX, limits.CLOSE_DRAIN_TIMEOUT)
+        close_conn(conn)
+
+
+def _pump_input(gw, rd: FrameReader) -> None:
+    from skypty.services.pty import PtyError
+
+    while True:
+        got = rd.next()
+        if got is None:
+            return
+        tag, payload = got
+        try:
+            if tag == T_DATA:
+                gw.write(payload)
+            elif tag == T_SIZE:
+                if len(payload) != _WINSIZE.size:
+                    raise ProtocolError(f"pty-stream: window size of {len(payload)} bytes")
+                rows, cols, x, y = _WINSIZE.unpack(payload)
+                gw.set_pty_size({"Rows": rows, "Cols": cols, "X": x, "Y": y})
+            elif tag != T_PING:
+                raise ProtocolError(f"pty-stream: unexpected frame {tag:#04x}")
+        except PtyError:
+            return   # the program ended: the output side says so
+
+
+def _pump_output(gw, conn, input_done: threading.Event) -> None:
+    """The pty's output as 'D' frames, then 'X' and our FIN; a client that does not hang up
+    within CLOSE_DRAIN_TIMEOUT is cut off (the input side then ends too)."""
+    try:
+        why = gw.pump_output(lambda data: conn.sendall(frame(T_DATA, data)), MAX_PAYLOAD)
+        conn.sendall(frame(T_ENDED, why.encode("utf-8", "replace")))
+        conn.shutdown_write()
+    except (OSError, ProtocolError, SkyptyError):
+        pass   # the client is gone: the input side ends too
+    if not input_done.wait(limits.CLOSE_DRAIN_TIMEOUT):
+        close_conn(conn)
+
+
+def _who(peer) -> str:
+    return peer.describe() if hasattr(peer, "describe") else "-"

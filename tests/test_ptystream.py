@@ -1,0 +1,308 @@
+"""The pty-stream subsystem (skypty's own, for skypty <-> skypty interactive sessions).
+
+The framing and the Start parser on their own, then a real `cli pty host` subprocess on a
+loopback port spoken to frame by frame over a real Noise XK connection: a session's output and
+end, Start failures, resize, and every malformed input, each of which must end the session and
+leave no process behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+from conftest import SKYPTY, free_port, process_alive, stop_process, wait_gone, wait_port
+from skypty.client import dial_uri_tcp
+from skypty.client_ptystream import PtyStreamClient
+from skypty.errors import ProtocolError, SkyptyError
+from skypty.keys import generate_keypair
+from skypty.services.ptystream import (MAX_PAYLOAD, PTY_STREAM_URI, T_DATA, T_ENDED, T_FAILED, T_PING, T_SIZE,
+                                       T_START, T_STARTED, FrameReader, frame, parse_start, start_payload,
+                                       winsize_payload)
+
+
+# ---------------------------------------------------------------------------------- framing
+
+class _Chunks:
+    """A stream that hands out fixed pieces (the transport under FrameReader, not FrameReader)."""
+
+    def __init__(self, data: bytes, cuts) -> None:
+        self.pieces = []
+        prev = 0
+        for c in sorted(cuts) + [len(data)]:
+            if c > prev:
+                self.pieces.append(data[prev:c])
+                prev = c
+
+    def recv(self, n: int) -> bytes:
+        if not self.pieces:
+            return b""
+        p = self.pieces.pop(0)
+        if len(p) > n:
+            self.pieces.insert(0, p[n:])
+            p = p[:n]
+        return p
+
+
+FRAMES = [(T_DATA, b"a"), (T_PING, b""), (T_SIZE, winsize_payload(24, 80)), (T_DATA, os.urandom(70000)[:MAX_PAYLOAD]),
+          (T_DATA, b"\x00" * 5), (T_ENDED, b"EOF")]
+
+
+def test_frames_come_back_whole_however_the_stream_is_cut():
+    wire = b"".join(frame(t, p) for t, p in FRAMES)
+    rnd = random.Random(7)
+    for _ in range(60):
+        cuts = rnd.sample(range(1, len(wire)), rnd.randint(0, 40))
+        rd = FrameReader(_Chunks(wire, cuts))
+        assert [rd.next() for _ in FRAMES] == FRAMES
+        assert rd.next() is None
+
+
+def test_a_frame_over_the_cap_is_refused_before_it_is_read():
+    rd = FrameReader(_Chunks(frame(T_DATA, b"x") + bytes([T_DATA]) + (MAX_PAYLOAD + 1).to_bytes(4, "big"), []))
+    assert rd.next() == (T_DATA, b"x")
+    with pytest.raises(ProtocolError, match="frame of 65537 bytes"):
+        rd.next()
+
+
+@pytest.mark.parametrize("cut", [1, 4, 5, 9])
+def test_a_stream_cut_inside_a_frame_is_an_error_not_an_end(cut):
+    rd = FrameReader(_Chunks(frame(T_DATA, b"12345")[:cut], []))
+    with pytest.raises(ProtocolError, match="inside a frame"):
+        rd.next()
+
+
+def test_the_deadline_bounds_the_whole_frame_not_each_read():
+    a, b = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle():   # one byte every 50 ms: each read is quick, the frame never completes
+        for byte in frame(T_START, b"{}" * 40):
+            if stop.wait(0.05):
+                return
+            try:
+                a.send(bytes([byte]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            FrameReader(b).next(time.monotonic() + 0.4)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        stop.set()
+        a.close()
+        b.close()
+        t.join(5)
+
+
+# ---------------------------------------------------------------------------------- Start
+
+def test_start_round_trips_as_a_command_request():
+    req = parse_start(start_payload("/bin/sh", ["-c", "echo"], ["TERM=xterm"], (24, 80)))
+    assert req == {"Name": "/bin/sh", "Arg": ["-c", "echo"], "Env": ["TERM=xterm"],
+                   "Size": {"Rows": 24, "Cols": 80, "X": 0, "Y": 0}}
+    assert parse_start(b'{"Name": "sh"}') == {"Name": "sh", "Arg": [], "Env": [], "Size": None}
+
+
+@pytest.mark.parametrize("payload, why", [
+    (b"not json", "bad json"),
+    (b"\xff\xfe", "bad json"),
+    (b"[1]", "not a JSON object"),
+    (b'{"Name": 5}', "Name has the wrong type"),
+    (b'{"Name": "sh", "Arg": "-c"}', "Arg has the wrong type"),
+    (b'{"Name": "sh", "Arg": [1]}', "lists of strings"),
+    (b'{"Name": "sh", "Env": [null]}', "lists of strings"),
+    (b'{"Name": "sh", "Size": {"Rows": 70000}}', "out of range"),
+    (b'{"Name": "sh", "Size": {"Rows": -1}}', "out of range"),
+    (b'{"Name": "sh", "Size": {"Rows": true}}', "Rows has the wrong type"),
+    (b'{"Name": "sh", "Size": {"Rows": NaN}}', "bad json"),
+    (b"[" * 100000, "bad json"),
+])
+def test_a_malformed_start_is_refused(payload, why):
+    with pytest.raises(ProtocolError, match=why):
+        parse_start(payload)
+
+
+# ---------------------------------------------------------------------------------- a real host
+
+class _Host:
+    def __init__(self, tmp: str) -> None:
+        self.pk, sk = generate_keypair()
+        self.client_pk, self.client_sk = generate_keypair()
+        conf = os.path.join(tmp, "skywire-config.json")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"sk": sk.hex(), "pk": self.pk.hex()}, f)
+        self.port = free_port()
+        self.log_path = os.path.join(tmp, "host.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(SKYPTY + ["cli", "pty", "host", "-l", f"127.0.0.1:{self.port}",
+                                               "--sk-from-visor", conf, "--allow", self.client_pk.hex()],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_port(self.port, timeout=20)
+        except Exception:
+            self.stop()
+            raise
+
+    def dial(self):
+        return dial_uri_tcp("127.0.0.1", self.port, self.pk, self.client_sk, PTY_STREAM_URI)
+
+    def log_text(self) -> str:
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def host():
+    with tempfile.TemporaryDirectory() as tmp:
+        h = _Host(tmp)
+        try:
+            yield h
+        finally:
+            h.stop()
+
+
+def _session(host, *argv: str, size=None):
+    conn = host.dial()
+    conn.sendall(frame(T_START, start_payload(argv[0], argv[1:], ["TERM=dumb"], size)))
+    rd = FrameReader(conn)
+    conn.settimeout(20)
+    return conn, rd
+
+
+def _until(rd: FrameReader, pattern: bytes) -> bytes:
+    """Output frames until pattern shows up; the frames seen must all be output."""
+    out = b""
+    while not re.search(pattern, out):
+        got = rd.next()
+        assert got is not None, out
+        assert got[0] == T_DATA, got
+        out += got[1]
+    return out
+
+
+def _rest(rd: FrameReader):
+    """(output, end text) up to the host's close: 'X' must be the last frame."""
+    out, end = b"", None
+    while True:
+        got = rd.next()
+        if got is None:
+            return out, end
+        assert end is None, "a frame after 'X'"
+        if got[0] == T_DATA:
+            out += got[1]
+        else:
+            assert got[0] == T_ENDED, got
+            end = got[1].decode()
+
+
+def test_a_session_streams_output_then_says_it_ended(host):
+    conn, rd = _session(host, "/bin/sh", "-c", "echo one; sleep 0.2; echo two")
+    try:
+        assert rd.next() == (T_STARTED, b"")
+        out, end = _rest(rd)
+    finally:
+        conn.close()
+    assert out.replace(b"\r", b"") == b"one\ntwo\n"
+    assert end == "read /dev/ptmx: input/output error"   # what pty.Read says then
+
+
+def test_input_size_and_resize(host):
+    conn, rd = _session(host, "/bin/sh", size=(7, 33))
+    try:
+        assert rd.next() == (T_STARTED, b"")
+        conn.sendall(frame(T_DATA, b"stty size; echo D''ONE\n"))
+        assert b"7 33" in _until(rd, b"DONE")
+        conn.sendall(frame(T_SIZE, winsize_payload(41, 121)) + frame(T_PING))
+        conn.sendall(frame(T_DATA, b"stty size; echo A''GAIN\n"))
+        assert b"41 121" in _until(rd, b"AGAIN")
+        conn.sendall(frame(T_DATA, b"exit\n"))
+        _, end = _rest(rd)
+        assert end is not None
+    finally:
+        conn.close()
+
+
+def test_a_start_that_fails_says_why(host):
+    conn, rd = _session(host, "/no/such/program")
+    try:
+        tag, text = rd.next()
+        assert tag == T_FAILED
+        assert text.decode().startswith("fork/exec /no/such/program: no such file or directory")
+        assert rd.next() is None   # and the host hangs up
+    finally:
+        conn.close()
+
+
+def test_the_client_class_raises_a_start_failure_as_one_line(host):
+    c = PtyStreamClient(host.dial())
+    try:
+        with pytest.raises(SkyptyError, match="fork/exec /no/such/program"):
+            c.start("/no/such/program")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("first", [frame(T_DATA, b"ls\n"), frame(T_START, b"{bad"), b"\x53\xff\xff\xff\xff"])
+def test_no_session_without_a_good_start(host, first):
+    conn = host.dial()
+    try:
+        conn.sendall(first)
+        conn.settimeout(20)
+        rd = FrameReader(conn)
+        got = rd.next()
+        if first.startswith(frame(T_START, b"{bad")[:5]):
+            assert got is not None and got[0] == T_FAILED and b"bad json" in got[1]
+            got = rd.next()
+        assert got is None   # closed, nothing started
+    finally:
+        conn.close()
+
+
+def _started_pid(host):
+    conn, rd = _session(host, "/bin/sh", "-c", "echo PID=$$; exec sleep 600")
+    assert rd.next() == (T_STARTED, b"")
+    pid = int(re.search(rb"PID=(\d+)", _until(rd, rb"PID=\d+\r?\n")).group(1))
+    assert process_alive(pid)
+    return conn, rd, pid
+
+
+@pytest.mark.parametrize("garbage", [
+    bytes([T_DATA]) + (MAX_PAYLOAD + 1).to_bytes(4, "big"),   # oversized
+    frame(ord("Z"), b"?"),                                     # unknown tag
+    frame(T_START, start_payload("/bin/sh", [], [], None)),    # a second Start
+    frame(T_SIZE, b"\x00\x18"),                                # a short window size
+])
+def test_garbage_mid_session_ends_it_and_the_program(host, garbage):
+    conn, rd, pid = _started_pid(host)
+    try:
+        conn.sendall(garbage)
+        assert wait_gone([pid]) == []
+        assert _rest(rd)[1] in (None, "EOF")   # Stop's end text, or the cut alone
+    finally:
+        conn.close()
+
+
+def test_hanging_up_stops_the_program(host):
+    conn, _, pid = _started_pid(host)
+    conn.close()
+    assert wait_gone([pid]) == []
+    assert f"accept {host.client_pk.hex()}" in host.log_text()
