@@ -63,14 +63,14 @@ def _tree_rss(root: int, names: tuple) -> int:
 
 
 def skypty_rss(tmp: str, n: int) -> tuple:
-    from skypty.client import open_pty_tcp
+    from skypty.client import open_interactive_tcp
 
     peer = SkyptyPeer(tmp)
     clients = []
     try:
         idle = _rss_kib(peer.proc.pid)
-        for _ in range(n):
-            c = open_pty_tcp("127.0.0.1", peer.port, peer.host_pk, peer.client_sk)
+        for _ in range(n):   # as `cli pty shell` from a terminal: pty-stream sessions
+            c = open_interactive_tcp("127.0.0.1", peer.port, peer.host_pk, peer.client_sk)
             c.start("/bin/sh", size=(24, 80))
             clients.append(c)
         time.sleep(2)

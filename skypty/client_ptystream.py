@@ -10,7 +10,6 @@ that does not stops the delivery.
 """
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -22,7 +21,6 @@ from .services.ptystream import (MAX_PAYLOAD, T_DATA, T_ENDED, T_FAILED, T_PING,
 
 __all__ = ["PtyStreamClient"]
 
-_DATA_HEAD = struct.Struct(">BI").pack
 START_TIMEOUT = 30.0   # fork+exec of the remote shell on a slow box; the host answers at once otherwise
 
 
@@ -94,7 +92,7 @@ class PtyStreamClient:
     def write(self, data: bytes) -> int:
         """Send input to the remote pty (in frames of at most MAX_PAYLOAD)."""
         if len(data) <= MAX_PAYLOAD:
-            self.conn.sendall(_DATA_HEAD(T_DATA, len(data)) + data)
+            self.conn.sendall(frame(T_DATA, data))
         else:
             view = memoryview(data)
             for off in range(0, len(view), MAX_PAYLOAD):

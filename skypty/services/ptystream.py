@@ -23,8 +23,8 @@ its lifetime are PtyGateway's, exactly as for `dmsgpty/pty` (connection end = St
 """
 from __future__ import annotations
 
+import _socket   # not socket: see netutil
 import json
-import logging
 import struct
 import threading
 import time
@@ -32,9 +32,11 @@ from typing import Any, Optional, Tuple
 
 from skypty import limits
 from skypty.errors import ProtocolError, SkyptyError
+from skypty.logs import get_logger
 from skypty.netutil import close_after_drain, close_conn
 
-__all__ = ["PTY_STREAM_URI", "FrameReader", "frame", "parse_start", "serve_pty_stream",
+__all__ = ["PTY_STREAM_URI", "MAX_PAYLOAD", "FrameReader", "frame", "start_payload", "parse_start",
+           "winsize_payload", "serve_pty_stream",
            "T_START", "T_DATA", "T_SIZE", "T_PING", "T_STARTED", "T_FAILED", "T_ENDED"]
 
 PTY_STREAM_URI = "skypty/pty-stream"
@@ -46,7 +48,7 @@ MAX_PAYLOAD = limits.PTY_READ_MAX
 _HEAD = struct.Struct(">BI")
 _WINSIZE = struct.Struct(">HHHH")
 
-log = logging.getLogger("skypty.ptystream")
+log = get_logger("skypty.ptystream")   # the client imports this module: no `logging` until a record
 
 
 def frame(tag: int, payload: bytes = b"") -> bytes:
@@ -85,7 +87,12 @@ class FrameReader:
                 if left <= 0:
                     raise TimeoutError("pty-stream: timed out waiting for a frame")
                 self._conn.settimeout(left)
-            chunk = self._conn.recv(MAX_PAYLOAD + 5)
+                try:
+                    chunk = self._conn.recv(MAX_PAYLOAD + 5)
+                except _socket.timeout:   # not a TimeoutError before Python 3.10
+                    raise TimeoutError("pty-stream: timed out waiting for a frame") from None
+            else:
+                chunk = self._conn.recv(MAX_PAYLOAD + 5)
             if not chunk:
                 self._buf = b""
                 if buf:
