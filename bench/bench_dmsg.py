@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def _wait_entry(url, pk) -> bool:
     return False
 
 
-def _exec_rows(url: str, procs) -> list:
+def _exec_rows(url: str, procs, tmp: str) -> list:
     """Exec round trips through real mode-2 host processes (skipped if the host is not built)."""
     name = "dmsg exec round trip"
     try:
@@ -124,7 +125,6 @@ def _exec_rows(url: str, procs) -> list:
         from skypty.client import PtyClient, open_pty_control
     except ImportError as e:
         return [{"name": name, "unit": "ms", "note": f"skipped: {e}"}]
-    tmp = tempfile.mkdtemp(prefix="skypty-bench-")
     cpk, csk = generate_keypair()
     a_pk, a_sock = _start_host(url, tmp, "a", [], procs)
     if not _wait_entry(url, a_pk):
@@ -158,6 +158,7 @@ def main() -> list:
     ensure_bytecode(ROOT)
     procs: list = []
     rows = []
+    tmp = tempfile.mkdtemp(prefix="skypty-bench-")
     try:
         url = _network(procs)
         _, psk = generate_keypair()
@@ -202,10 +203,11 @@ def main() -> list:
             rows.append((f"dmsg stream one-way throughput ({MB} MiB)", total / dt / 1e6, "MB/s"))
         finally:
             me.close()
-        rows.extend(_exec_rows(url, procs))
+        rows.extend(_exec_rows(url, procs, tmp))
     finally:
         for p in reversed(procs):
             stop_process(p)
+        shutil.rmtree(tmp, ignore_errors=True)   # the hosts' configs, once they are stopped
     for r in rows:
         print(*(r.values() if isinstance(r, dict) else r))
     return rows

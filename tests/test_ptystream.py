@@ -306,3 +306,19 @@ def test_hanging_up_stops_the_program(host):
     conn.close()
     assert wait_gone([pid]) == []
     assert f"accept {host.client_pk.hex()}" in host.log_text()
+
+
+def test_a_host_stopping_ends_its_sessions(tmp_path):
+    """SIGTERM: the program is killed, the client hears the end ('X', or the cut), the host exits 0."""
+    h = _Host(str(tmp_path))
+    try:
+        conn, rd, pid = _started_pid(h)
+        t0 = time.monotonic()
+        h.proc.terminate()
+        assert h.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 15
+        assert wait_gone([pid]) == []
+        assert _rest(rd)[1] in (None, "EOF")
+        conn.close()
+    finally:
+        h.stop()
