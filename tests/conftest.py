@@ -118,3 +118,39 @@ def wait_gone(pids, bound: float = 10.0) -> list:
             return []
         time.sleep(0.05)
     return [p for p in pids if process_alive(p)]
+
+
+class HostProc:
+    """A `cli pty host` subprocess on a loopback port that allows one fresh client key, its
+    output in tmp/host.log. `dest` and `sk_args` are what a client command line needs."""
+
+    def __init__(self, tmp: str) -> None:
+        from skypty.keys import generate_keypair
+
+        self.pk, sk = generate_keypair()
+        self.client_pk, self.client_sk = generate_keypair()
+        conf = os.path.join(tmp, "skywire-config.json")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"sk": sk.hex(), "pk": self.pk.hex()}, f)
+        self.port = free_port()
+        self.log_path = os.path.join(tmp, "host.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(SKYPTY + ["cli", "pty", "host", "-l", f"127.0.0.1:{self.port}",
+                                               "--sk-from-visor", conf, "--allow", self.client_pk.hex()],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_port(self.port, timeout=20)
+        except Exception:
+            self.stop()
+            raise
+        self.dest = f"{self.pk.hex()}@127.0.0.1:{self.port}"
+        self.sk_args = ["--sk", self.client_sk.hex()]
+
+    def log_text(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.log.close()

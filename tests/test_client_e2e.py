@@ -20,7 +20,7 @@ import threading
 
 import pytest
 
-from conftest import SKYPTY, free_port, run_skypty, stop_process, wait_port
+from conftest import SKYPTY, HostProc, free_port, run_skypty, stop_process, wait_port
 from skypty.keys import generate_keypair
 from skypty.terminal import EscapeFilter, interactive_env
 
@@ -101,32 +101,6 @@ def test_interactive_env():
 
 
 # ---------------------------------------------------------------------------------- fixtures
-
-class HostProc:
-    def __init__(self, tmp: str) -> None:
-        self.pk, sk = generate_keypair()
-        self.client_pk, self.client_sk = generate_keypair()
-        conf = os.path.join(tmp, "skywire-config.json")
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"sk": sk.hex(), "pk": self.pk.hex()}, f)
-        self.port = free_port()
-        self.log = open(os.path.join(tmp, "host.log"), "wb")
-        self.proc = subprocess.Popen(SKYPTY + ["cli", "pty", "host", "-l", f"127.0.0.1:{self.port}",
-                                               "--sk-from-visor", conf, "--allow", self.client_pk.hex()],
-                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            wait_port(self.port, timeout=20)
-        except Exception:
-            self.stop()
-            raise
-        self.dest = f"{self.pk.hex()}@127.0.0.1:{self.port}"
-        self.sk_args = ["--sk", self.client_sk.hex()]
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
-
 
 @pytest.fixture(scope="module")
 def host():
@@ -485,7 +459,7 @@ def test_interactive_shell(host, tmp_path):
         child.expect_exact(PROMPT)
         child.sendline("exit")
         child.expect(pexpect.EOF)
-    assert _last_accept(host) == b"skypty/pty-stream"   # skypty to skypty
+    assert _last_accept(host) == "skypty/pty-stream"   # skypty to skypty
 
 
 @needs_host
@@ -501,23 +475,22 @@ def test_interactive_tilde_escapes(host, tmp_path):
         child.expect(pexpect.EOF)
 
 
-def _last_accept(host) -> bytes:
-    with open(host.log.name, "rb") as f:
-        return re.findall(rb"mux: accept " + host.client_pk.hex().encode() + rb"@\S+ \(tcp\) (\S+)\n", f.read())[-1]
+def _last_accept(host) -> str:
+    return re.findall(r"mux: accept " + host.client_pk.hex() + r"@\S+ \(tcp\) (\S+)\n", host.log_text())[-1]
 
 
 @needs_host
 def test_interactive_no_pty_stream_speaks_the_go_protocol(host, tmp_path):
     check_window_size(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args, "--no-pty-stream"],
                       rows=23, cols=81)
-    assert _last_accept(host) == b"dmsgpty/pty"
+    assert _last_accept(host) == "dmsgpty/pty"
 
 
 @needs_host
 def test_interactive_start_via(host, tmp_path):
     check_window_size(str(tmp_path), ["cli", "pty", "start", "--via", f"tcp://{host.dest}", *host.sk_args],
                       rows=25, cols=90)
-    assert _last_accept(host) == b"skypty/pty-stream"
+    assert _last_accept(host) == "skypty/pty-stream"
 
 
 @needs_host

@@ -7,23 +7,20 @@ leave no process behind.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import socket
-import subprocess
 import tempfile
 import threading
 import time
 
 import pytest
 
-from conftest import SKYPTY, free_port, process_alive, stop_process, wait_gone, wait_port
+from conftest import HostProc, process_alive, wait_gone
 from skypty.client import dial_uri_tcp
 from skypty.client_ptystream import PtyStreamClient
 from skypty.errors import ProtocolError, SkyptyError
-from skypty.keys import generate_keypair
 from skypty.services.ptystream import (MAX_PAYLOAD, PTY_STREAM_URI, T_DATA, T_ENDED, T_FAILED, T_PING, T_SIZE,
                                        T_START, T_STARTED, FrameReader, frame, parse_start, start_payload,
                                        winsize_payload)
@@ -137,51 +134,22 @@ def test_a_malformed_start_is_refused(payload, why):
 
 # ---------------------------------------------------------------------------------- a real host
 
-class _Host:
-    def __init__(self, tmp: str) -> None:
-        self.pk, sk = generate_keypair()
-        self.client_pk, self.client_sk = generate_keypair()
-        conf = os.path.join(tmp, "skywire-config.json")
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"sk": sk.hex(), "pk": self.pk.hex()}, f)
-        self.port = free_port()
-        self.log_path = os.path.join(tmp, "host.log")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(SKYPTY + ["cli", "pty", "host", "-l", f"127.0.0.1:{self.port}",
-                                               "--sk-from-visor", conf, "--allow", self.client_pk.hex()],
-                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            wait_port(self.port, timeout=20)
-        except Exception:
-            self.stop()
-            raise
-
-    def dial(self):
-        return dial_uri_tcp("127.0.0.1", self.port, self.pk, self.client_sk, PTY_STREAM_URI)
-
-    def log_text(self) -> str:
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def host():
     with tempfile.TemporaryDirectory() as tmp:
-        h = _Host(tmp)
+        h = HostProc(tmp)
         try:
             yield h
         finally:
             h.stop()
 
 
+def _dial(host):
+    return dial_uri_tcp("127.0.0.1", host.port, host.pk, host.client_sk, PTY_STREAM_URI)
+
+
 def _session(host, *argv: str, size=None):
-    conn = host.dial()
+    conn = _dial(host)
     conn.sendall(frame(T_START, start_payload(argv[0], argv[1:], ["TERM=dumb"], size)))
     rd = FrameReader(conn)
     conn.settimeout(20)
@@ -253,7 +221,7 @@ def test_a_start_that_fails_says_why(host):
 
 
 def test_the_client_class_raises_a_start_failure_as_one_line(host):
-    c = PtyStreamClient(host.dial())
+    c = PtyStreamClient(_dial(host))
     try:
         with pytest.raises(SkyptyError, match="fork/exec /no/such/program"):
             c.start("/no/such/program")
@@ -263,7 +231,7 @@ def test_the_client_class_raises_a_start_failure_as_one_line(host):
 
 @pytest.mark.parametrize("first", [frame(T_DATA, b"ls\n"), frame(T_START, b"{bad"), b"\x53\xff\xff\xff\xff"])
 def test_no_session_without_a_good_start(host, first):
-    conn = host.dial()
+    conn = _dial(host)
     try:
         conn.sendall(first)
         conn.settimeout(20)
@@ -310,7 +278,7 @@ def test_hanging_up_stops_the_program(host):
 
 def test_a_host_stopping_ends_its_sessions(tmp_path):
     """SIGTERM: the program is killed, the client hears the end ('X', or the cut), the host exits 0."""
-    h = _Host(str(tmp_path))
+    h = HostProc(str(tmp_path))
     try:
         conn, rd, pid = _started_pid(h)
         t0 = time.monotonic()
