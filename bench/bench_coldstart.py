@@ -39,8 +39,10 @@ def first_byte_ms(argv_prefix: list, pk: str) -> float:
                 c.recv(1)
                 t1 = time.perf_counter()
         finally:
-            # our end closed, the client fails its handshake and exits by itself: a PyInstaller
-            # one-file binary then removes its unpack dir (/tmp/_MEI…), which a kill leaves behind
+            # SIGTERM, not SIGKILL: a PyInstaller one-file binary passes it to its Python and
+            # then removes its unpack dir (/tmp/_MEI…), which a kill leaves behind. (Only closing
+            # our end is not enough: the reset makes the client retry its handshake.)
+            p.terminate()
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:

@@ -23,8 +23,8 @@ from .logs import get_logger
 from .netutil import connect_tcp
 
 __all__ = [
-    "PtyClient", "open_pty_tcp", "open_interactive_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp", "resolve_identity",
-    "exit_code_for", "result_json", "exec_stream_tcp", "node_exec",
+    "PtyClient", "open_pty_tcp", "open_interactive_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp",
+    "resolve_identity", "exit_code_for", "result_json", "exec_stream_tcp", "node_exec",
     "cmd_shell", "cmd_exec", "cmd_start", "PTY_URI", "DEFAULT_VISOR_CONFIGS",
 ]
 
