@@ -2,15 +2,15 @@
 skypty host with one message per keystroke and one per output chunk.
 
 `PtyStreamClient` offers what terminal.run_interactive uses of a PtyClient (start, read_then,
-set_size, ping, close) with the same meanings, so the terminal loop is one for both protocols;
-input goes out with write(), which returns once it is sent (`writes_inline`: nothing to wait
-for, unlike pty.Write). The reader thread hands each output frame to the read_then callback,
-which re-arms by calling read_then again (as it issues the next Read over rpc); a callback
-that does not stops the delivery.
+set_size, ping, close) with the same meanings, so the terminal loop is one for both protocols,
+and two differences it asks for by name: input goes out with write(), which returns once it is
+sent (`writes_inline`: nothing to wait for, unlike pty.Write), and output is read by the
+terminal loop itself (`output_fd`, `output_waiting`, `deliver`), no reader thread. deliver()
+hands each output frame to the read_then callback, which re-arms by calling read_then again
+(as it issues the next Read over rpc); a callback that does not stops the delivery.
 """
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -20,6 +20,10 @@ from .services.ptystream import (MAX_PAYLOAD, T_DATA, T_ENDED, T_FAILED, T_PING,
                                  FrameReader, frame, start_payload, winsize_payload)
 
 __all__ = ["PtyStreamClient"]
+
+
+def _no_reader(data: bytes, err: Optional[BaseException]) -> None:
+    raise RuntimeError("PtyStreamClient.deliver() before read_then()")
 
 START_TIMEOUT = 30.0   # fork+exec of the remote shell on a slow box; the host answers at once otherwise
 
@@ -31,9 +35,8 @@ class PtyStreamClient:
         if small is not None:
             small()
         self._rd = FrameReader(conn)
-        self._fn: Optional[Callable[[bytes, Optional[BaseException]], Any]] = None
+        self._fn: Callable[[bytes, Optional[BaseException]], Any] = _no_reader
         self._armed = False
-        self._reader: Optional[threading.Thread] = None
         self._closed = False
 
     def start(self, name: str, args: Sequence[str] = (), size: Optional[Tuple[int, int]] = None,
@@ -54,38 +57,49 @@ class PtyStreamClient:
 
     def read_then(self, fn: Callable[[bytes, Optional[BaseException]], Any], n: int = 0) -> None:
         """fn(output, None) for the next output, fn(b"", EOFError(text)) once the remote program
-        ended, fn(b"", err) if the link broke. n is ignored (the host sends what it has)."""
+        ended, fn(b"", err) if the link broke; it runs inside deliver(). n is ignored (the host
+        sends what it has)."""
         self._fn = fn
         self._armed = True
-        if self._reader is None:
-            self._reader = threading.Thread(target=self._read_loop, daemon=True, name="pty-stream-in")
-            self._reader.start()
 
-    def _read_loop(self) -> None:
+    # Output is read on the caller's thread, from its select() loop, not on a reader thread of
+    # our own: a keystroke's echo then costs no GIL hand-off between two threads of ours.
+    def output_fd(self) -> int:
+        """The fd to select() for readability beside the terminal."""
+        return self.conn.fileno()
+
+    def output_waiting(self) -> bool:
+        """Output already read off the socket: select() cannot see it, call deliver() now."""
+        return self._rd.ready() or self.conn.pending() > 0
+
+    def deliver(self) -> bool:
+        """One read (select() said there is something), then every whole frame to the read_then
+        callback. False once the output ended (the callback was told why) or the callback did
+        not re-arm; a frame cut by the read waits for the next call."""
         rd = self._rd
-        err: BaseException
         try:
+            if not rd.ready() and not rd.fill():
+                self._fn(b"", ConnectionError("the host closed the connection"))
+                return False
             while True:
-                got = rd.next()
+                got = rd.pop()
                 if got is None:
-                    err = ConnectionError("the host closed the connection")
-                    break
+                    return True
                 tag, payload = got
                 if tag == T_DATA:
-                    if not payload:
-                        continue
-                    self._armed = False
-                    self._fn(payload, None)
-                    if not self._armed:
-                        return   # the caller stopped reading (stdout gone, or done)
+                    if payload:
+                        self._armed = False
+                        self._fn(payload, None)
+                        if not self._armed:
+                            return False   # the caller stopped reading (stdout gone, or done)
                 elif tag == T_ENDED:
-                    err = EOFError(payload.decode("utf-8", "replace") or "EOF")
-                    break
+                    self._fn(b"", EOFError(payload.decode("utf-8", "replace") or "EOF"))
+                    return False
                 else:
                     raise ProtocolError(f"pty-stream: unexpected frame {tag:#04x}")
         except Exception as e:   # the caller must hear of every end
-            err = e
-        self._fn(b"", err)
+            self._fn(b"", e)
+            return False
 
     writes_inline = True   # write() returns once the input is sent: nothing is acknowledged
 

@@ -204,12 +204,14 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
     (or `~.`); raises SkyptyError (exit 1) when the connection broke.
 
     The echo of a keystroke is the latency that matters, so nothing on its path changes
-    thread: the main thread sends the Write, and the Read reply is handled on the rpc reader
-    thread itself, which writes the output to stdout and then issues the next Read. (A Write
-    typed while that Read is being sent goes out right behind it, on the reader thread: see
-    RPCClient.go.) That thread sends, so it must never wait on a peer that waits on us: it
-    cannot, because we never have more in flight than one Write (<= CLIENT_READ_SIZE), one
-    Read, one Ping and one SetPtySize, which the socket buffers always hold."""
+    thread. A pty-stream client (`output_fd`) is served by one select() loop on the main
+    thread, input and output alike, as ssh does. Over rpc the main thread sends the Write, and
+    the Read reply is handled on the rpc reader thread itself, which writes the output to
+    stdout and then issues the next Read. (A Write typed while that Read is being sent goes out
+    right behind it, on the reader thread: see RPCClient.go.) That thread sends, so it must
+    never wait on a peer that waits on us: it cannot, because we never have more in flight than
+    one Write (<= CLIENT_READ_SIZE), one Read, one Ping and one SetPtySize, which the socket
+    buffers always hold."""
     from .netutil import steady_allocator
 
     steady_allocator()   # output may come in bulk (`cat` of a big file): see netutil
@@ -255,6 +257,7 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
 
     writer: Any = (_InlineWriter(client, on_write_error) if getattr(client, "writes_inline", False)
                    else _Writer(client, on_write_error, lambda: poke(b"R")))
+    inline = hasattr(client, "output_fd")   # its output is read by _pump_stdin's loop, no reader thread
 
     def pinger() -> None:
         while not done.wait(limits.PING_INTERVAL):
@@ -292,7 +295,10 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
         if not _pump_stdin(client, writer, stdin_fd, wake_r, size, outcome):
             # The input side gave up (a Write failed): the reader knows whether the remote
             # program ended (exit 0) or the link broke, so let it have the last word.
-            reader_done.wait(5.0)
+            if inline:
+                _drain_output(client, 5.0)
+            else:
+                reader_done.wait(5.0)
     except _SignalExit:
         outcome["code"] = outcome["code"] if outcome["code"] is not None else 1
     finally:
@@ -307,7 +313,8 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
         for s, h in old_handlers.items():
             signal.signal(s, h)
         client.close()   # fails the outstanding Read
-        reader_done.wait(2.0)
+        if not inline:
+            reader_done.wait(2.0)
         os.close(wake_r)
         os.close(wake_w)
     if outcome["code"] is None:
@@ -327,15 +334,23 @@ def _describe(e: BaseException) -> str:
 
 
 def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outcome: dict) -> bool:
-    """Forward input until the reader finished or `~.` (True), or a call failed (False)."""
+    """Forward input until the reader finished or `~.` (True), or a call failed (False).
+    A client that reads its output here (output_fd: pty-stream) is served by this loop too."""
     esc = EscapeFilter()
     stdin_open = True
+    out_fd = client.output_fd() if hasattr(client, "output_fd") else -1
     while True:
         fds = [wake_fd, stdin_fd] if stdin_open and writer.has_room() else [wake_fd]
+        if out_fd >= 0:
+            fds.append(out_fd)
+            if client.output_waiting():   # already off the socket: select() would not see it
+                fds = []
         try:
-            ready, _, _ = select.select(fds, [], [])
+            ready = select.select(fds, [], [])[0] if fds else [out_fd]
         except InterruptedError:
             continue
+        if out_fd in ready and not client.deliver():
+            out_fd = -1   # the end (or the broken link) was reported: the wake pipe says so next
         if wake_fd in ready:
             tags = os.read(wake_fd, 64)
             if b"E" in tags:
@@ -369,6 +384,21 @@ def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outc
                 _write_fd(1, b"\r\n[disconnected]\r\n")
                 outcome["code"] = 0
                 return True
+
+
+def _drain_output(client, timeout: float) -> None:
+    """What an inline-reading client still has, until it ends, for at most timeout seconds."""
+    import time
+
+    fd = client.output_fd()
+    deadline = time.monotonic() + timeout
+    while True:
+        if not client.output_waiting():
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return
+        if not client.deliver():
+            return
 
 
 def _guard(fn, *args, outcome: dict) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import re
 import socket
 import tempfile
@@ -290,3 +291,45 @@ def test_a_host_stopping_ends_its_sessions(tmp_path):
         conn.close()
     finally:
         h.stop()
+
+
+def test_the_client_delivers_output_then_the_end_and_can_be_drained(host):
+    """deliver() from a select loop: the output in order, then EOFError with the end text.
+    terminal._drain_output is what run_interactive uses when input failed first."""
+    from skypty.terminal import _drain_output
+
+    c = PtyStreamClient(_dial(host))
+    got, ends = [], []
+
+    def on_read(data, err):
+        if err is None:
+            got.append(data)
+            c.read_then(on_read)
+        else:
+            ends.append(err)
+
+    try:
+        c.start("/bin/sh", ["-c", "for i in 1 2 3; do echo line$i; done"], size=(24, 80))
+        c.read_then(on_read)
+        _drain_output(c, 20.0)
+    finally:
+        c.close()
+    assert b"".join(got).replace(b"\r", b"") == b"line1\nline2\nline3\n"
+    assert len(ends) == 1 and isinstance(ends[0], EOFError)
+    assert str(ends[0]) == "read /dev/ptmx: input/output error"
+
+
+def test_a_callback_that_does_not_rearm_stops_the_delivery(host):
+    c = PtyStreamClient(_dial(host))
+    seen = []
+    try:
+        c.start("/bin/sh", ["-c", "echo one; sleep 0.3; echo two; sleep 600"])
+        c.read_then(lambda data, err: seen.append((data, err)))   # no read_then again
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            if c.output_waiting() or select.select([c.output_fd()], [], [], 1)[0]:
+                if not c.deliver():
+                    break
+    finally:
+        c.close()
+    assert len(seen) == 1 and seen[0][1] is None and b"one" in seen[0][0]

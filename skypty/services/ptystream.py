@@ -61,8 +61,12 @@ def winsize_payload(rows: int, cols: int, x: int = 0, y: int = 0) -> bytes:
 
 
 class FrameReader:
-    """Frames off a stream with recv(n). next() -> (tag, payload), None at a clean EOF;
-    ProtocolError for a frame over MAX_PAYLOAD or a stream cut inside a frame."""
+    """Frames off a stream with recv(n), every size checked before it is trusted.
+
+    next() -> (tag, payload), blocking until a whole frame is in; None at a clean EOF. For a
+    select() loop: fill() reads once (False at EOF), pop() gives a whole buffered frame or None,
+    ready() says whether one is buffered. ProtocolError for a frame over MAX_PAYLOAD or a
+    stream cut inside a frame."""
 
     __slots__ = ("_conn", "_buf")
 
@@ -70,36 +74,53 @@ class FrameReader:
         self._conn = conn
         self._buf = b""
 
+    def pop(self) -> Optional[Tuple[int, bytes]]:
+        buf = self._buf
+        if len(buf) < 5:
+            return None
+        tag, n = _HEAD.unpack_from(buf)
+        if n > MAX_PAYLOAD:
+            raise ProtocolError(f"pty-stream: frame of {n} bytes (max {MAX_PAYLOAD})")
+        end = 5 + n
+        if len(buf) < end:
+            return None
+        self._buf = buf[end:]
+        return tag, buf[5:end]
+
+    def ready(self) -> bool:
+        buf = self._buf
+        return len(buf) >= 5 and len(buf) >= 5 + _HEAD.unpack_from(buf)[1]
+
+    def fill(self) -> bool:
+        chunk = self._conn.recv(MAX_PAYLOAD + 5)
+        if not chunk:
+            if self._buf:
+                self._buf = b""
+                raise ProtocolError("pty-stream: connection ended inside a frame")
+            return False
+        # a keystroke's frame comes whole: no copy then; a big one is put together once
+        self._buf = self._buf + chunk if self._buf else chunk
+        return True
+
     def next(self, deadline: Optional[float] = None) -> Optional[Tuple[int, bytes]]:
         """deadline (time.monotonic()): the whole frame must be in by then, or TimeoutError."""
-        buf = self._buf
         while True:
-            if len(buf) >= 5:
-                tag, n = _HEAD.unpack_from(buf)
-                if n > MAX_PAYLOAD:
-                    raise ProtocolError(f"pty-stream: frame of {n} bytes (max {MAX_PAYLOAD})")
-                end = 5 + n
-                if len(buf) >= end:
-                    self._buf = buf[end:]
-                    return tag, buf[5:end]
+            got = self.pop()
+            if got is not None:
+                return got
             if deadline is not None:   # a total bound, not one per read: no trickling
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("pty-stream: timed out waiting for a frame")
                 self._conn.settimeout(left)
                 try:
-                    chunk = self._conn.recv(MAX_PAYLOAD + 5)
+                    more = self.fill()
                 except _socket.timeout:   # not a TimeoutError before Python 3.10
                     raise TimeoutError("pty-stream: timed out waiting for a frame") from None
             else:
-                chunk = self._conn.recv(MAX_PAYLOAD + 5)
-            if not chunk:
-                self._buf = b""
-                if buf:
-                    raise ProtocolError("pty-stream: connection ended inside a frame")
+                more = self.fill()
+            if not more:
                 return None
-            # a keystroke's frame comes whole: no copy then; a big one is put together once
-            buf = buf + chunk if buf else chunk
 
 
 def _field(obj: dict, key: str, kind: type, zero):
