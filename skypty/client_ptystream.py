@@ -3,14 +3,17 @@ skypty host with one message per keystroke and one per output chunk.
 
 `PtyStreamClient` offers what terminal.run_interactive uses of a PtyClient (start, read_then,
 set_size, ping, close) with the same meanings, so the terminal loop is one for both protocols,
-and two differences it asks for by name: input goes out with write(), which returns once it is
-sent (`writes_inline`: nothing to wait for, unlike pty.Write), and output is read by the
-terminal loop itself (`output_fd`, `output_waiting`, `deliver`), no reader thread. deliver()
-hands each output frame to the read_then callback, which re-arms by calling read_then again
-(as it issues the next Read over rpc); a callback that does not stops the delivery.
+and one difference it asks for by name: output is read by the terminal loop itself
+(`output_fd`, `output_waiting`, `deliver`), no reader thread. deliver() hands each output
+frame to the read_then callback, which re-arms by calling read_then again (as it issues the
+next Read over rpc); a callback that does not stops the delivery. Input is acknowledged once
+it is sent (nothing comes back for it, unlike pty.Write); a write that could block goes out on
+a sender thread, so the loop never stops reading output while the host cannot take input.
 """
 from __future__ import annotations
 
+import select
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -25,6 +28,8 @@ __all__ = ["PtyStreamClient"]
 def _no_reader(data: bytes, err: Optional[BaseException]) -> None:
     raise RuntimeError("PtyStreamClient.deliver() before read_then()")
 
+
+_INLINE_WRITE = 1024   # bytes: a keystroke, a short burst; bigger input goes out on the sender thread
 START_TIMEOUT = 30.0   # fork+exec of the remote shell on a slow box; the host answers at once otherwise
 
 
@@ -38,6 +43,8 @@ class PtyStreamClient:
         self._fn: Callable[[bytes, Optional[BaseException]], Any] = _no_reader
         self._armed = False
         self._closed = False
+        self._sender: Optional[threading.Thread] = None
+        self._jobs: Any = None
 
     def start(self, name: str, args: Sequence[str] = (), size: Optional[Tuple[int, int]] = None,
               env: Optional[Sequence[str]] = None) -> None:
@@ -101,10 +108,9 @@ class PtyStreamClient:
             self._fn(b"", e)
             return False
 
-    writes_inline = True   # write() returns once the input is sent: nothing is acknowledged
-
     def write(self, data: bytes) -> int:
-        """Send input to the remote pty (in frames of at most MAX_PAYLOAD)."""
+        """Send input to the remote pty (in frames of at most MAX_PAYLOAD); blocks while the
+        connection's buffers are full."""
         if len(data) <= MAX_PAYLOAD:
             self.conn.sendall(frame(T_DATA, data))
         else:
@@ -112,6 +118,41 @@ class PtyStreamClient:
             for off in range(0, len(view), MAX_PAYLOAD):
                 self.conn.sendall(frame(T_DATA, bytes(view[off:off + MAX_PAYLOAD])))
         return len(data)
+
+    def write_then(self, data: bytes, fn: Callable[[Optional[BaseException]], Any]) -> None:
+        """write(), then fn(None) or fn(err), as PtyClient.write_then (terminal._Writer keeps
+        one in flight). A keystroke is sent right here; a bigger write (a paste) goes out on a
+        sender thread, since the socket may then block until the host takes it, and meanwhile
+        the caller's loop must go on reading our output: a remote program that does not read
+        its input but writes output would otherwise stop both sides."""
+        # after a paste the socket may still be full: then even a keystroke could block here
+        if len(data) <= _INLINE_WRITE and (self._sender is None or self._writable()):
+            self.write(data)
+            fn(None)
+            return
+        if self._sender is None:
+            import queue   # a session that never pastes does without
+
+            self._jobs = queue.SimpleQueue()
+            self._sender = threading.Thread(target=self._send_loop, daemon=True, name="pty-stream-send")
+            self._sender.start()
+        self._jobs.put((data, fn))
+
+    def _writable(self) -> bool:
+        return bool(select.select([], [self.conn.fileno()], [], 0)[1])
+
+    def _send_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            data, fn = job
+            try:
+                self.write(data)
+            except Exception as e:   # the writer reports it; the reader sees the link end
+                fn(e)
+            else:
+                fn(None)
 
     def set_size(self, rows: int, cols: int, x: int = 0, y: int = 0) -> None:
         self.conn.sendall(frame(T_SIZE, winsize_payload(rows, cols, x, y)))
@@ -123,7 +164,11 @@ class PtyStreamClient:
         """Hang up: the host stops the pty when the connection ends."""
         if not self._closed:
             self._closed = True
-            close_conn(self.conn)
+            close_conn(self.conn)   # a sender blocked in sendall fails now
+            if self._sender is not None:
+                self._jobs.put(None)
+                if self._sender is not threading.current_thread():
+                    self._sender.join(2.0)   # its callback must not outlive the caller's session
 
     def __enter__(self) -> "PtyStreamClient":
         return self

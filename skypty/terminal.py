@@ -17,7 +17,7 @@ import os
 import select
 import signal
 import threading
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from . import limits
 from .errors import SkyptyError
@@ -98,28 +98,6 @@ def _write_fd(fd: int, data: bytes) -> None:
             select.select([], [fd], [])
             continue
         view = view[n:]
-
-
-class _InlineWriter:
-    """_Writer's interface for a client whose writes complete as they are sent (pty-stream):
-    nothing is in flight, so nothing to order or bound; the socket's buffer pushes back."""
-
-    def __init__(self, client, on_error) -> None:
-        self._client = client
-        self._on_error = on_error
-        self.error: Optional[BaseException] = None
-
-    def has_room(self) -> bool:
-        return True
-
-    def send(self, data: bytes) -> bool:
-        if self.error is None:
-            try:
-                self._client.write(data)
-            except Exception as e:
-                self.error = e
-                self._on_error(e)
-        return self.error is None
 
 
 class _SignalExit(Exception):
@@ -255,8 +233,7 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
         outcome["write_error"] = _describe(err)
         poke(b"X")
 
-    writer: Any = (_InlineWriter(client, on_write_error) if getattr(client, "writes_inline", False)
-                   else _Writer(client, on_write_error, lambda: poke(b"R")))
+    writer = _Writer(client, on_write_error, lambda: poke(b"R"))
     inline = hasattr(client, "output_fd")   # its output is read by _pump_stdin's loop, no reader thread
 
     def pinger() -> None:
@@ -341,14 +318,17 @@ def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outc
     out_fd = client.output_fd() if hasattr(client, "output_fd") else -1
     while True:
         fds = [wake_fd, stdin_fd] if stdin_open and writer.has_room() else [wake_fd]
+        # output already off the socket, which select() cannot see: look at the rest without
+        # waiting (input must not starve behind a flood of output: a ^C must get through)
+        waiting = out_fd >= 0 and client.output_waiting()
         if out_fd >= 0:
             fds.append(out_fd)
-            if client.output_waiting():   # already off the socket: select() would not see it
-                fds = []
         try:
-            ready = select.select(fds, [], [])[0] if fds else [out_fd]
+            ready = select.select(fds, [], [], 0 if waiting else None)[0]
         except InterruptedError:
             continue
+        if waiting and out_fd not in ready:
+            ready.append(out_fd)
         if out_fd in ready and not client.deliver():
             out_fd = -1   # the end (or the broken link) was reported: the wake pipe says so next
         if wake_fd in ready:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -484,6 +485,51 @@ def test_interactive_no_pty_stream_speaks_the_go_protocol(host, tmp_path):
     check_window_size(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args, "--no-pty-stream"],
                       rows=23, cols=81)
     assert _last_accept(host) == "dmsgpty/pty"
+
+
+@needs_host
+def test_a_paste_the_remote_does_not_read_never_stops_its_output(host, tmp_path):
+    """64 MiB pasted (more than the sockets hold) while the remote writes 85 MiB and reads
+    nothing: our sends block, as the host can put no more into the pty, and our output must
+    keep flowing all the same, or neither side ever moves again. Then `wc` takes the paste."""
+    with interactive(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args]) as child:
+        child.maxread = 65536
+        child.sendline("stty -echo; head -c 67108864 /dev/zero | base64 -w 1000; echo DO''NE; wc -l")
+        paste = (b"p" * 99 + b"\n") * (64 * 1024 * 1024 // 100)
+        sender = threading.Thread(target=child.send, args=(paste,), daemon=True)
+        sender.start()
+        child.expect_exact("DONE", timeout=60, searchwindowsize=64)
+        sender.join(60)
+        assert not sender.is_alive()
+        child.send("\x04")                                 # wc's EOF
+        child.expect_exact(str(len(paste) // 100), timeout=60)
+        child.sendline("stty echo; exit")
+        child.expect(pexpect.EOF)
+
+
+def _drain_until(child, marker: bytes, bound: float) -> bool:
+    """Read the session's output as fast as it comes (pexpect's own search is slower than a
+    flood) until marker shows up; False after bound seconds."""
+    tail, deadline = b"", time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if select.select([child.child_fd], [], [], 0.5)[0]:
+            tail = (tail + os.read(child.child_fd, 1 << 20))[-4096:]
+            if marker in tail:
+                return True
+    return False
+
+
+@needs_host
+def test_ctrl_c_gets_through_a_flood_of_output(host, tmp_path):
+    """^C typed while output pours in at full speed gets through and stops it."""
+    with interactive(str(tmp_path), ["cli", "pty", "shell", host.dest, *host.sk_args]) as child:
+        child.sendline("base64 /dev/zero")
+        assert _drain_until(child, b"A" * 64, 30)   # 76-column lines of A
+        child.send("\x03")
+        child.sendline("echo AF''TER")
+        assert _drain_until(child, b"AFTER", 30)
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
 
 
 @needs_host
