@@ -289,8 +289,13 @@ class _Stopper:
         # The host is up: what it has loaded lives as long as the process. Out of the
         # collector's sight, a full collection stops being a ~5 ms pause of every session.
         gc.freeze()
+        if until is None:
+            # no timeout: the signal handler sets the event and the wait returns (a wait on
+            # a lock is interrupted by signals), and an idle host does not wake twice a second
+            self.event.wait()
+            return
         while not self.event.wait(0.5):
-            if until is not None and until():
+            if until():
                 return
 
     def restore(self) -> None:
