@@ -333,3 +333,35 @@ def test_a_callback_that_does_not_rearm_stops_the_delivery(host):
     finally:
         c.close()
     assert len(seen) == 1 and seen[0][1] is None and b"one" in seen[0][0]
+
+
+class _NoFileno:
+    """A real socket seen as a stream that cannot be polled (as a dmsg/yamux stream)."""
+
+    def __init__(self, sock) -> None:
+        self._s = sock
+
+    def fileno(self) -> int:
+        raise OSError("no file descriptor")
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+def test_over_a_stream_that_cannot_be_polled_start_fails_with_a_reason():
+    from skypty.services.ptystream import serve_pty_stream
+
+    a, b = socket.socketpair()
+    t = threading.Thread(target=serve_pty_stream, args=(_NoFileno(b),), daemon=True)
+    t.start()
+    try:
+        a.sendall(frame(T_START, start_payload("/bin/sh", [], [], None)))
+        a.settimeout(20)
+        rd = FrameReader(a)
+        tag, text = rd.next()
+        assert tag == T_FAILED and b"needs a TCP connection" in text
+        assert rd.next() is None
+    finally:
+        a.close()
+        t.join(10)
+    assert not t.is_alive()

@@ -21,7 +21,7 @@ import signal
 import struct
 import termios
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from skypty import limits
 from skypty.errors import SkyptyError
@@ -171,28 +171,25 @@ class PtyGateway:
 
         return Wait((fd, proc.wake_r), ready, proc.release)
 
-    def pump_output(self, send: Callable[[bytes], Any], n: int = limits.PTY_READ_MAX) -> str:
-        """send(output) as it comes, up to n bytes at a time, until the program ends or Stop;
-        returns what a Read would then have said (ERR_EOF, ERR_EIO, …). For the pty-stream
-        subsystem: no call per chunk, one thread waits on the master for the session."""
-        try:
-            proc, fd = self._use()
-        except PtyError as e:
-            return str(e)
-        try:
-            p = select.poll()
-            p.register(fd, select.POLLIN)
-            p.register(proc.wake_r, select.POLLIN)
-            while True:
-                p.poll()
-                try:
-                    data = self._try_read(proc, fd, n)
-                except PtyError as e:
-                    return str(e)
-                if data is not None:
-                    send(data)
-        finally:
-            proc.release()
+    def open_master(self):
+        """For a caller that polls the master itself (pty-stream over TCP): (fd, stop_fd, read,
+        write, done). read(n) -> output or None (none yet), raising PtyError once the program
+        ended; write(data) -> how many bytes the pty took (never blocks); stop_fd turns readable
+        on Stop; done() once the caller is finished with the fd."""
+        proc, fd = self._use()
+
+        def read(n: int) -> Optional[bytes]:
+            return self._try_read(proc, fd, n)
+
+        def write(data) -> int:
+            try:
+                return os.write(fd, data)
+            except (BlockingIOError, InterruptedError):
+                return 0
+            except OSError as e:
+                raise PtyError(f"write /dev/ptmx: {_strerror(e)}") from None
+
+        return fd, proc.wake_r, read, write, proc.release
 
     @staticmethod
     def _try_read(proc: "_PtyProc", fd: int, n: int) -> Optional[bytes]:

@@ -18,20 +18,23 @@ After the mux accepted, both directions carry frames `[u8 tag][u32 BE length][pa
                    'D' output of the pty        'X' the program ended: what a Read would
                                                     have said ("EOF", "read /dev/ptmx: …"), then close
 
-The host serves the input on the connection's thread and the output on one more; the pty and
-its lifetime are PtyGateway's, exactly as for `dmsgpty/pty` (connection end = Stop).
+The host serves a session on the connection's own thread, one poll() over the socket and the
+pty master for both directions (so it needs a TCP connection: over a dmsg stream, which cannot
+be polled, Start fails and the client should use `dmsgpty/pty`). The pty and its lifetime are
+PtyGateway's, exactly as for `dmsgpty/pty` (connection end = Stop). After 'X' the host
+half-closes and drops what the client still sends.
 """
 from __future__ import annotations
 
 import _socket   # not socket: see netutil
 import json
+import select
 import struct
-import threading
 import time
 from typing import Any, Optional, Tuple
 
 from skypty import limits
-from skypty.errors import ProtocolError, SkyptyError
+from skypty.errors import ProtocolError
 from skypty.logs import get_logger
 from skypty.netutil import close_after_drain, close_conn
 
@@ -171,8 +174,6 @@ def serve_pty_stream(conn: Any, query=None, peer=None) -> None:
     from skypty.services.pty import PtyError, open_gateway
 
     gw, ended = open_gateway(peer)
-    out: Optional[threading.Thread] = None
-    input_done = threading.Event()
     small = getattr(conn, "prefer_small_reads", None)
     if small is not None:
         small()   # keystrokes: a cheap read each (see SecureConn._recv_chunk)
@@ -187,65 +188,90 @@ def serve_pty_stream(conn: Any, query=None, peer=None) -> None:
             log.info("pty-stream: %s: the first frame is not a Start", _who(peer))
             return
         conn.settimeout(None)   # a session idles for hours
+        cfd = _fileno(conn)
         try:
+            if cfd < 0:
+                raise PtyError("pty-stream needs a TCP connection: use dmsgpty/pty")
             gw.start(parse_start(first[1]))
         except (PtyError, ProtocolError) as e:
             log.info("pty-stream: %s: Start failed: %s", _who(peer), e)
             conn.sendall(frame(T_FAILED, str(e).encode("utf-8", "replace")))
             return
         conn.sendall(frame(T_STARTED))
-        out = threading.Thread(target=_pump_output, args=(gw, conn, input_done), daemon=True,
-                               name="pty-stream-out")
-        out.start()
-        try:
-            _pump_input(gw, rd)
-        finally:
-            input_done.set()
+        _serve(gw, conn, cfd, rd)
     except (ProtocolError, OSError) as e:
         log.info("pty-stream: %s: %s", _who(peer), e)
     finally:
-        ended()   # Stop: the output thread sees the pty end and leaves
-        if out is not None:
-            out.join(limits.CLOSE_DRAIN_TIMEOUT + 1.0)
+        ended()   # Stop, if the program still runs
         # what the client typed after the end is read and dropped: closing on unread
         # input would reset the connection, and the client could lose the 'X' frame
         close_after_drain(conn, limits.REJECT_DRAIN_MAX, limits.CLOSE_DRAIN_TIMEOUT)
         close_conn(conn)
 
 
-def _pump_input(gw, rd: FrameReader) -> None:
-    from skypty.services.pty import PtyError
-
-    while True:
-        got = rd.next()
-        if got is None:
-            return
-        tag, payload = got
-        try:
-            if tag == T_DATA:
-                gw.write(payload)
-            elif tag == T_SIZE:
-                if len(payload) != _WINSIZE.size:
-                    raise ProtocolError(f"pty-stream: window size of {len(payload)} bytes")
-                rows, cols, x, y = _WINSIZE.unpack(payload)
-                gw.set_pty_size({"Rows": rows, "Cols": cols, "X": x, "Y": y})
-            elif tag != T_PING:
-                raise ProtocolError(f"pty-stream: unexpected frame {tag:#04x}")
-        except PtyError:
-            return   # the program ended: the output side says so
-
-
-def _pump_output(gw, conn, input_done: threading.Event) -> None:
-    """The pty's output as 'D' frames, then 'X' and our FIN; a client that does not hang up
-    within CLOSE_DRAIN_TIMEOUT is cut off (the input side then ends too)."""
+def _fileno(conn) -> int:
     try:
-        why = gw.pump_output(lambda data: conn.sendall(frame(T_DATA, data)), MAX_PAYLOAD)
-        conn.sendall(frame(T_ENDED, why.encode("utf-8", "replace")))
+        return conn.fileno()
+    except (AttributeError, OSError, ValueError):   # a yamux stream (dmsg) cannot be polled
+        return -1
+
+
+def _serve(gw, conn, cfd: int, rd: FrameReader) -> None:
+    """Both directions on the connection's own thread, as ssh serves a channel: a keystroke
+    and its echo then never wait for a thread of ours to let go of the GIL. Input the pty
+    cannot take yet waits in `pending`, and no frame is read meanwhile (the client's sends
+    then block: back-pressure); output is read whenever there is some."""
+    from skypty.services.pty import ERR_EOF, PtyError
+
+    mfd, stop_fd, read, write, done = gw.open_master()
+    pending = b""
+    p = select.poll()
+    p.register(stop_fd, select.POLLIN)
+    try:
+        while True:
+            p.register(cfd, 0 if pending else select.POLLIN)   # again: modifies
+            p.register(mfd, select.POLLIN | select.POLLOUT if pending else select.POLLIN)
+            if not pending and (rd.ready() or conn.pending()):
+                events = [(cfd, select.POLLIN)]   # already off the socket: poll() cannot see it
+            else:
+                events = p.poll()
+            for fd, ev in events:
+                if fd == cfd:
+                    if not rd.ready() and not rd.fill():
+                        return   # the client hung up
+                    while not pending:
+                        got = rd.pop()
+                        if got is None:
+                            break
+                        if got[0] == T_DATA:
+                            pending = got[1][write(got[1]):]
+                        else:
+                            _control(gw, *got)
+                elif fd == mfd:
+                    if ev & select.POLLOUT:
+                        pending = pending[write(pending):]
+                    if ev & ~select.POLLOUT:
+                        data = read(MAX_PAYLOAD)
+                        if data:
+                            conn.sendall(frame(T_DATA, data))
+                else:
+                    raise PtyError(ERR_EOF)   # Stop
+    except PtyError as e:   # the program ended, or Stop: what a Read would have said
+        conn.sendall(frame(T_ENDED, str(e).encode("utf-8", "replace")))
         conn.shutdown_write()
-    except (OSError, ProtocolError, SkyptyError):
-        pass   # the client is gone: the input side ends too
-    if not input_done.wait(limits.CLOSE_DRAIN_TIMEOUT):
-        close_conn(conn)
+    finally:
+        done()
+
+
+def _control(gw, tag: int, payload: bytes) -> None:
+    """A frame other than input: window size, keepalive; anything else ends the session."""
+    if tag == T_SIZE:
+        if len(payload) != _WINSIZE.size:
+            raise ProtocolError(f"pty-stream: window size of {len(payload)} bytes")
+        rows, cols, x, y = _WINSIZE.unpack(payload)
+        gw.set_pty_size({"Rows": rows, "Cols": cols, "X": x, "Y": y})
+    elif tag != T_PING:
+        raise ProtocolError(f"pty-stream: unexpected frame {tag:#04x}")
 
 
 def _who(peer) -> str:
