@@ -365,3 +365,44 @@ def test_over_a_stream_that_cannot_be_polled_start_fails_with_a_reason():
         a.close()
         t.join(10)
     assert not t.is_alive()
+
+
+def test_a_session_collects_garbage_when_idle_not_during_traffic(host):
+    """pty-stream sessions switch the automatic collector off (a collection in the middle of
+    an echo was a measured share of the slow ones) and collect once idle for a second."""
+    import gc
+
+    from skypty.terminal import run_interactive
+
+    seen, collections = [], []
+
+    def watch():
+        while not stop.is_set():
+            seen.append(gc.isenabled())
+            time.sleep(0.05)
+
+    def on_gc(phase, info):
+        if phase == "start":
+            collections.append(time.monotonic())
+
+    stop = threading.Event()
+    r, w = os.pipe()
+    out = os.open(os.devnull, os.O_WRONLY)
+    c = PtyStreamClient(_dial(host))
+    t = threading.Thread(target=watch, daemon=True)
+    gc.callbacks.append(on_gc)
+    try:
+        t0 = time.monotonic()
+        t.start()
+        code = run_interactive(c, "/bin/sh", ["-c", "sleep 2"], env=[], stdin_fd=r, stdout_fd=out)
+        t_end = time.monotonic()
+    finally:
+        stop.set()
+        t.join(5)
+        gc.callbacks.remove(on_gc)
+        gc.unfreeze()
+        for fd in (r, w, out):
+            os.close(fd)
+    assert code == 0
+    assert gc.isenabled() and False in seen
+    assert any(t0 + 0.9 < at < t_end for at in collections)   # the idle one, about a second in
