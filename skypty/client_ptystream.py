@@ -77,7 +77,7 @@ class PtyStreamClient:
 
     def output_waiting(self) -> bool:
         """Output already read off the socket: select() cannot see it, call deliver() now."""
-        return self._rd.ready() or self.conn.pending() > 0
+        return self._rd.waiting()
 
     def deliver(self) -> bool:
         """One read (select() said there is something), then every whole frame to the read_then

@@ -7,7 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
 
 import coincurve
 import pytest
@@ -154,3 +157,38 @@ class HostProc:
     def stop(self) -> None:
         stop_process(self.proc)
         self.log.close()
+
+
+@pytest.fixture(scope="module")
+def host():
+    """One HostProc per test module (a module with a `host` fixture of its own uses that)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        h = HostProc(tmp)
+        try:
+            yield h
+        finally:
+            h.stop()
+
+
+@contextmanager
+def trickle(sock, data: bytes, every: float = 0.05):
+    """Send data one byte every `every` seconds on a thread while the block runs (a peer that
+    keeps each read quick and never completes a message); stopped and joined after it."""
+    stop = threading.Event()
+
+    def run() -> None:
+        for byte in data:
+            if stop.wait(every):
+                return
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(5)

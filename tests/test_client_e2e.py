@@ -15,7 +15,6 @@ import select
 import shlex
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -102,18 +101,6 @@ def test_interactive_env():
 
 
 # ---------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def host():
-    if not HAVE_HOST:
-        pytest.skip("skypty/host.py is not there yet")
-    with tempfile.TemporaryDirectory() as tmp:
-        h = HostProc(tmp)
-        try:
-            yield h
-        finally:
-            h.stop()
-
 
 def shell(host, *args, timeout=60):
     return run_skypty("cli", "pty", "shell", host.dest, *host.sk_args, *args, timeout=timeout)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from conftest import load_vector, recv_exact as read_all
+from conftest import load_vector, recv_exact as read_all, trickle
 from skypty import limits, noise
 from skypty.errors import HandshakeError, KeyFormatError, ProtocolError
 from skypty.keys import PubKey, SecKey, generate_keypair
@@ -647,23 +647,9 @@ def test_handshake_timeout_client_side_over_tcp():
 def test_handshake_deadline_is_total_not_per_read():
     """A peer dribbling one byte at a time cannot stretch the handshake past its deadline."""
     a, b = socket.socketpair()
-    stop = threading.Event()
-
-    def dribble():
-        for byte in b"\x00\x31" + b"\x02" * 47:
-            if stop.wait(0.05):
-                return
-            try:
-                a.send(bytes([byte]))
-            except OSError:
-                return
-
-    t = Thread(dribble)
-    with a:
+    with a, b, trickle(a, b"\x00\x31" + b"\x02" * 47):
         with pytest.raises(HandshakeError, match="timed out"):
             server_handshake(b, generate_keypair()[1], timeout=0.5)
-        stop.set()
-        t.get()
 
 
 @needs_pq

@@ -12,13 +12,12 @@ import random
 import select
 import re
 import socket
-import tempfile
 import threading
 import time
 
 import pytest
 
-from conftest import HostProc, process_alive, wait_gone
+from conftest import HostProc, process_alive, trickle, wait_gone
 from skypty.client import dial_uri_tcp
 from skypty.client_ptystream import PtyStreamClient
 from skypty.errors import ProtocolError, SkyptyError
@@ -80,29 +79,11 @@ def test_a_stream_cut_inside_a_frame_is_an_error_not_an_end(cut):
 
 def test_the_deadline_bounds_the_whole_frame_not_each_read():
     a, b = socket.socketpair()
-    stop = threading.Event()
-
-    def trickle():   # one byte every 50 ms: each read is quick, the frame never completes
-        for byte in frame(T_START, b"{}" * 40):
-            if stop.wait(0.05):
-                return
-            try:
-                a.send(bytes([byte]))
-            except OSError:
-                return
-
-    t = threading.Thread(target=trickle, daemon=True)
-    t.start()
-    try:
+    with a, b, trickle(a, frame(T_START, b"{}" * 40)):   # each read quick, the frame never whole
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             FrameReader(b).next(time.monotonic() + 0.4)
         assert time.monotonic() - t0 < 2.0
-    finally:
-        stop.set()
-        a.close()
-        b.close()
-        t.join(5)
 
 
 # ---------------------------------------------------------------------------------- Start
@@ -134,16 +115,6 @@ def test_a_malformed_start_is_refused(payload, why):
 
 
 # ---------------------------------------------------------------------------------- a real host
-
-@pytest.fixture(scope="module")
-def host():
-    with tempfile.TemporaryDirectory() as tmp:
-        h = HostProc(tmp)
-        try:
-            yield h
-        finally:
-            h.stop()
-
 
 def _dial(host):
     return dial_uri_tcp("127.0.0.1", host.port, host.pk, host.client_sk, PTY_STREAM_URI)

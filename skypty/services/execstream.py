@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import re
-import struct
 import threading
 import time
 from email.utils import formatdate
@@ -25,6 +23,7 @@ from typing import Dict, Optional, Tuple
 from skypty import limits
 from skypty.netutil import close_after_drain, close_conn
 from skypty.services.exec import SpawnError, clamp_timeout_ms, describe_peer, pump, spawn
+from skypty.services.frames import FRAME_HEAD, encode_frame, loads_strict
 
 __all__ = ["EXEC_STREAM_URI", "MEDIA_TYPE", "TAG_KEEPALIVE", "TAG_STDOUT", "TAG_STDERR",
            "serve_exec_stream", "encode_frame"]
@@ -51,12 +50,6 @@ class _HTTPError(Exception):
         self.status = status
         self.headers = headers or {}
 
-
-_FRAME_HEAD = struct.Struct(">BI")   # [u8 tag][u32 BE payload length]
-
-
-def encode_frame(tag: int, payload: bytes) -> bytes:
-    return _FRAME_HEAD.pack(tag, len(payload)) + payload
 
 
 class _Reader:
@@ -189,17 +182,11 @@ def _field(obj: dict, key: str):
     return None
 
 
-def _reject_constant(token: str):
-    raise ValueError(f"invalid JSON value {token}")   # Python accepts NaN/Infinity, Go does not
-
-
 def _parse_request(body: bytes) -> dict:
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeError, ValueError) as e:
+        obj = loads_strict(body)
+    except ValueError as e:
         raise _HTTPError(400, f"exec-stream: bad json: {e}")
-    except RecursionError:   # a body of 1 MiB of "[" nests deeper than the parser's stack
-        raise _HTTPError(400, "exec-stream: bad json: nested too deeply")
     if not isinstance(obj, dict):
         raise _HTTPError(400, "exec-stream: bad json: not an object")
     # null is a field's zero value (as in Go); any other wrong type is an error, never a default
@@ -339,7 +326,7 @@ def _run(conn, req: dict, framed: bool, peer) -> None:
                 def cb(data: bytes) -> None:
                     for i in range(0, len(data), limits.EXECSTREAM_MAX_FRAME_PAYLOAD):
                         piece = data[i:i + limits.EXECSTREAM_MAX_FRAME_PAYLOAD]   # all of it: no copy
-                        out.chunk(piece, head=_FRAME_HEAD.pack(tag, len(piece)))
+                        out.chunk(piece, head=FRAME_HEAD.pack(tag, len(piece)))
                 return cb
             on_out, on_err = emit(TAG_STDOUT), emit(TAG_STDERR)
         else:

@@ -8,7 +8,7 @@ A client tries it first and falls back to `dmsgpty/pty` on a host that answers t
 with 0x01 (a Go host, an older skypty). Upstream has nothing like it: the URI is ours.
 
 After the mux accepted, both directions carry frames `[u8 tag][u32 BE length][payload]`
-(the exec-stream framing), payload at most PTY_READ_MAX bytes:
+(services/frames.py, as exec-stream), payload at most PTY_READ_MAX bytes:
 
   client -> host   'S' Start, first and once: JSON {"Name", "Arg", "Env", "Size": {"Rows",
                        "Cols", "X", "Y"}} with pty.Start's meaning (the CommandReq fields)
@@ -37,6 +37,7 @@ from skypty import limits
 from skypty.errors import ProtocolError
 from skypty.logs import get_logger
 from skypty.netutil import close_after_drain, close_conn
+from skypty.services.frames import FRAME_HEAD, encode_frame as frame, loads_strict
 
 __all__ = ["PTY_STREAM_URI", "MAX_PAYLOAD", "FrameReader", "frame", "start_payload", "parse_start",
            "winsize_payload", "serve_pty_stream",
@@ -48,14 +49,9 @@ T_START, T_DATA, T_SIZE, T_PING = b"S"[0], b"D"[0], b"W"[0], b"P"[0]
 T_STARTED, T_FAILED, T_ENDED = b"A"[0], b"E"[0], b"X"[0]
 MAX_PAYLOAD = limits.PTY_READ_MAX
 
-_HEAD = struct.Struct(">BI")
 _WINSIZE = struct.Struct(">HHHH")
 
 log = get_logger("skypty.ptystream")   # the client imports this module: no `logging` until a record
-
-
-def frame(tag: int, payload: bytes = b"") -> bytes:
-    return _HEAD.pack(tag, len(payload)) + payload
 
 
 def winsize_payload(rows: int, cols: int, x: int = 0, y: int = 0) -> bytes:
@@ -68,7 +64,7 @@ class FrameReader:
 
     next() -> (tag, payload), blocking until a whole frame is in; None at a clean EOF. For a
     select() loop: fill() reads once (False at EOF), pop() gives a whole buffered frame or None,
-    ready() says whether one is buffered. ProtocolError for a frame over MAX_PAYLOAD or a
+    ready() says whether one is buffered, waiting() whether anything can be had without a read. ProtocolError for a frame over MAX_PAYLOAD or a
     stream cut inside a frame."""
 
     __slots__ = ("_conn", "_buf")
@@ -81,7 +77,7 @@ class FrameReader:
         buf = self._buf
         if len(buf) < 5:
             return None
-        tag, n = _HEAD.unpack_from(buf)
+        tag, n = FRAME_HEAD.unpack_from(buf)
         if n > MAX_PAYLOAD:
             raise ProtocolError(f"pty-stream: frame of {n} bytes (max {MAX_PAYLOAD})")
         end = 5 + n
@@ -92,7 +88,12 @@ class FrameReader:
 
     def ready(self) -> bool:
         buf = self._buf
-        return len(buf) >= 5 and len(buf) >= 5 + _HEAD.unpack_from(buf)[1]
+        return len(buf) >= 5 and len(buf) >= 5 + FRAME_HEAD.unpack_from(buf)[1]
+
+    def waiting(self) -> bool:
+        """Something to take without a socket read: a whole frame here, or bytes the stream
+        itself already holds (SecureConn.pending()). select()/poll() cannot see either."""
+        return self.ready() or self._conn.pending() > 0
 
     def fill(self) -> bool:
         chunk = self._conn.recv(MAX_PAYLOAD + 5)
@@ -138,8 +139,8 @@ def _field(obj: dict, key: str, kind: type, zero):
 def parse_start(payload: bytes) -> dict:
     """A Start payload as the CommandReq dict PtyGateway.start takes; ProtocolError if malformed."""
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeError, ValueError, RecursionError) as e:
+        obj = loads_strict(payload)
+    except ValueError as e:
         raise ProtocolError(f"pty-stream: Start: bad json: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("pty-stream: Start: not a JSON object")
@@ -156,10 +157,6 @@ def parse_start(payload: bytes) -> dict:
     return {"Name": name, "Arg": args, "Env": env, "Size": size}
 
 
-def _no_constant(token: str):
-    raise ValueError(f"invalid JSON value {token}")
-
-
 def start_payload(name: str, args, env, size: Optional[Tuple[int, int]]) -> bytes:
     req = {"Name": name, "Arg": list(args or ()), "Env": list(env or ())}
     if size:
@@ -171,6 +168,7 @@ def start_payload(name: str, args, env, size: Optional[Tuple[int, int]]) -> byte
 
 def serve_pty_stream(conn: Any, query=None, peer=None) -> None:
     """mux raw handler: one pty for the connection, stopped when the connection ends."""
+    from skypty.services.exec import describe_peer
     from skypty.services.pty import PtyError, open_gateway
 
     gw, ended = open_gateway(peer)
@@ -182,10 +180,10 @@ def serve_pty_stream(conn: Any, query=None, peer=None) -> None:
         try:   # Start comes right after the request
             first = rd.next(time.monotonic() + limits.MUX_REQUEST_TIMEOUT)
         except OSError as e:
-            log.info("pty-stream: %s: no Start: %s", _who(peer), e)
+            log.info("pty-stream: %s: no Start: %s", describe_peer(peer), e)
             return
         if first is None or first[0] != T_START:
-            log.info("pty-stream: %s: the first frame is not a Start", _who(peer))
+            log.info("pty-stream: %s: the first frame is not a Start", describe_peer(peer))
             return
         conn.settimeout(None)   # a session idles for hours
         cfd = _fileno(conn)
@@ -194,13 +192,13 @@ def serve_pty_stream(conn: Any, query=None, peer=None) -> None:
                 raise PtyError("pty-stream needs a TCP connection: use dmsgpty/pty")
             gw.start(parse_start(first[1]))
         except (PtyError, ProtocolError) as e:
-            log.info("pty-stream: %s: Start failed: %s", _who(peer), e)
+            log.info("pty-stream: %s: Start failed: %s", describe_peer(peer), e)
             conn.sendall(frame(T_FAILED, str(e).encode("utf-8", "replace")))
             return
         conn.sendall(frame(T_STARTED))
         _serve(gw, conn, cfd, rd)
     except (ProtocolError, OSError) as e:
-        log.info("pty-stream: %s: %s", _who(peer), e)
+        log.info("pty-stream: %s: %s", describe_peer(peer), e)
     finally:
         ended()   # Stop, if the program still runs
         # what the client typed after the end is read and dropped: closing on unread
@@ -231,7 +229,7 @@ def _serve(gw, conn, cfd: int, rd: FrameReader) -> None:
         while True:
             p.register(cfd, 0 if pending else select.POLLIN)   # again: modifies
             p.register(mfd, select.POLLIN | select.POLLOUT if pending else select.POLLIN)
-            if not pending and (rd.ready() or conn.pending()):
+            if not pending and rd.waiting():
                 events = [(cfd, select.POLLIN)]   # already off the socket: poll() cannot see it
             else:
                 events = p.poll()
@@ -272,7 +270,3 @@ def _control(gw, tag: int, payload: bytes) -> None:
         gw.set_pty_size({"Rows": rows, "Cols": cols, "X": x, "Y": y})
     elif tag != T_PING:
         raise ProtocolError(f"pty-stream: unexpected frame {tag:#04x}")
-
-
-def _who(peer) -> str:
-    return peer.describe() if hasattr(peer, "describe") else "-"
