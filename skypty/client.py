@@ -17,14 +17,14 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 from . import limits
 from .dest import Dest, format_hostport, parse_dest, parse_via
 from .errors import (EXIT_REMOTE_FAILED, EXIT_TIMEOUT, HandshakeError, KeyFormatError,
-                     ProtocolError, RejectedError, SkyptyError, UsageError)
+                     ProtocolError, RejectedError, RequestDroppedError, SkyptyError, UsageError)
 from .keys import PubKey, SecKey, generate_keypair
 from .logs import get_logger
 from .netutil import connect_tcp
 
 __all__ = [
     "PtyClient", "open_pty_tcp", "open_interactive_tcp", "open_pty_control", "open_pty_standalone", "dial_uri_tcp",
-    "resolve_identity", "exit_code_for", "result_json", "exec_stream_tcp", "node_exec",
+    "dial_optional_uri_tcp", "resolve_identity", "exit_code_for", "result_json", "exec_stream_tcp", "node_exec",
     "cmd_shell", "cmd_exec", "cmd_start", "PTY_URI", "DEFAULT_VISOR_CONFIGS",
 ]
 
@@ -234,9 +234,9 @@ def _mux_request(conn, uri: str, timeout: float, not_listed: str) -> None:
     except ProtocolError as e:
         if str(e).endswith("timeout"):
             raise SkyptyError(f"no answer to the {uri.split('?')[0]} request within {timeout:g}s") from None
-        raise RejectedError(not_listed) from None
+        raise RequestDroppedError(not_listed) from None
     except OSError:   # the request write itself failed: the host hung up right after auth
-        raise RejectedError(not_listed) from None
+        raise RequestDroppedError(not_listed) from None
 
 
 def _backoff(delays: List[float]) -> None:
@@ -299,6 +299,18 @@ def dial_uri_tcp(host: str, port: int, remote_pk: PubKey, sk: SecKey, uri: str,
     return conn
 
 
+def dial_optional_uri_tcp(host: str, port: int, remote_pk: PubKey, sk: SecKey, uri: str,
+                          timeout: float = limits.TCP_DIAL_TIMEOUT):
+    """dial_uri_tcp, or None when the host answers `uri` with 0x01 (no such subsystem: a Go
+    host, an older skypty); a host that drops our key still raises."""
+    try:
+        return dial_uri_tcp(host, port, remote_pk, sk, uri, timeout)
+    except RequestDroppedError:
+        raise
+    except RejectedError:
+        return None
+
+
 def open_pty_tcp(host: str, port: int, remote_pk: PubKey, sk: SecKey,
                  timeout: float = limits.TCP_DIAL_TIMEOUT) -> PtyClient:
     return PtyClient(dial_uri_tcp(host, port, remote_pk, sk, PTY_URI, timeout))
@@ -312,11 +324,9 @@ def open_interactive_tcp(host: str, port: int, remote_pk: PubKey, sk: SecKey,
     from .client_ptystream import PtyStreamClient
     from .services.ptystream import PTY_STREAM_URI
 
-    try:
-        return PtyStreamClient(dial_uri_tcp(host, port, remote_pk, sk, PTY_STREAM_URI, timeout))
-    except RejectedError as e:
-        if "whitelisted" in str(e):
-            raise
+    conn = dial_optional_uri_tcp(host, port, remote_pk, sk, PTY_STREAM_URI, timeout)
+    if conn is not None:
+        return PtyStreamClient(conn)
     return open_pty_tcp(host, port, remote_pk, sk, timeout)
 
 

@@ -12,9 +12,9 @@ import time
 from typing import Dict, Optional, Sequence
 
 from . import limits
-from .client import _result_defaults, _write_all, dial_uri_tcp
+from .client import _result_defaults, _write_all, dial_optional_uri_tcp
 from .dest import Dest
-from .errors import ProtocolError, RejectedError, SkyptyError, UsageError
+from .errors import ProtocolError, SkyptyError, UsageError
 from .keys import SecKey
 
 __all__ = ["exec_stream_tcp", "node_exec"]
@@ -159,11 +159,8 @@ def exec_stream_tcp(dest: Dest, sk: SecKey, name: str, argv: Sequence[str], env:
 
     steady_allocator()   # a download: see netutil
 
-    try:
-        conn = dial_uri_tcp(dest.host, dest.port, dest.pk, sk, EXEC_STREAM_URI)
-    except RejectedError as e:
-        if "whitelisted" in str(e):
-            raise
+    conn = dial_optional_uri_tcp(dest.host, dest.port, dest.pk, sk, EXEC_STREAM_URI)
+    if conn is None:
         return None
     started = time.monotonic()
     sink = _Sink(keep)

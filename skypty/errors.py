@@ -39,3 +39,8 @@ class ProtocolError(SkyptyError):
 
 class RejectedError(SkyptyError):
     """The host refused the request (whitelist or unknown URI)."""
+
+
+class RequestDroppedError(RejectedError):
+    """The host hung up instead of answering the mux request: over TCP, a client key it does
+    not whitelist. (A plain RejectedError is its 0x01: it has no such subsystem.)"""

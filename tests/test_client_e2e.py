@@ -258,6 +258,15 @@ def test_client_not_whitelisted(host):
                    env={k: v for k, v in os.environ.items() if k != "DMSGPTY_SK"})
     assert r.returncode == 1
     assert b"fresh random key" in r.stderr and b"probably not whitelisted" in r.stderr
+    # the streamed paths do not take the hang-up for "no such subsystem" and fall back
+    r = run_skypty("cli", "pty", "shell", host.dest, "--sk", sk.hex(), "--stream", "--", "true")
+    assert r.returncode == 1 and "probably not whitelisted" in one_line(r.stderr)
+    import pexpect
+
+    child = pexpect.spawn(SKYPTY[0], SKYPTY[1:] + ["cli", "pty", "shell", host.dest, "--sk", sk.hex()], timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and b"probably not whitelisted" in child.before
 
 
 def test_unreachable():
