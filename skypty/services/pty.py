@@ -217,10 +217,13 @@ class PtyGateway:
                 if parts:
                     break
                 raise PtyError(ERR_EOF)
+            if len(chunk) < 1024:   # a trickle (a keystroke's echo): it was all there, skip the EAGAIN read
+                if not parts:
+                    return chunk
+                parts.append(chunk)
+                break
             parts.append(chunk)
             got += len(chunk)
-            if len(chunk) < 1024:
-                break   # a trickle (a keystroke's echo): it was all there, skip the EAGAIN read
         return b"".join(parts) if parts else None
 
     def write(self, data: bytes) -> int:

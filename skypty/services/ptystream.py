@@ -63,9 +63,9 @@ class FrameReader:
     """Frames off a stream with recv(n), every size checked before it is trusted.
 
     next() -> (tag, payload), blocking until a whole frame is in; None at a clean EOF. For a
-    select() loop: fill() reads once (False at EOF), pop() gives a whole buffered frame or None,
-    ready() says whether one is buffered, waiting() whether anything can be had without a read. ProtocolError for a frame over MAX_PAYLOAD or a
-    stream cut inside a frame."""
+    select() loop: more() reads once unless a whole frame is buffered (False at EOF), pop()
+    gives a whole buffered frame or None, waiting() says whether anything can be had without a
+    read. ProtocolError for a frame over MAX_PAYLOAD or a stream cut inside a frame."""
 
     __slots__ = ("_conn", "_buf")
 
@@ -93,9 +93,13 @@ class FrameReader:
     def waiting(self) -> bool:
         """Something to take without a socket read: a whole frame here, or bytes the stream
         itself already holds (SecureConn.pending()). select()/poll() cannot see either."""
-        return self.ready() or self._conn.pending() > 0
+        return bool(self._buf) and self.ready() or self._conn.pending() > 0
+
+    def more(self) -> bool:
+        return bool(self._buf) and self.ready() or self.fill()
 
     def fill(self) -> bool:
+        """One read (False at EOF)."""
         chunk = self._conn.recv(MAX_PAYLOAD + 5)
         if not chunk:
             if self._buf:
@@ -225,29 +229,37 @@ def _serve(gw, conn, cfd: int, rd: FrameReader) -> None:
     pending = b""
     p = select.poll()
     p.register(stop_fd, select.POLLIN)
+    p.register(cfd, select.POLLIN)
+    p.register(mfd, select.POLLIN)
+    poll, more, pop, waiting = p.poll, rd.more, rd.pop, rd.waiting
     try:
         while True:
-            p.register(cfd, 0 if pending else select.POLLIN)   # again: modifies
-            p.register(mfd, select.POLLIN | select.POLLOUT if pending else select.POLLIN)
-            if not pending and rd.waiting():
+            if not pending and waiting():
                 events = [(cfd, select.POLLIN)]   # already off the socket: poll() cannot see it
             else:
-                events = p.poll()
+                events = poll()
             for fd, ev in events:
                 if fd == cfd:
-                    if not rd.ready() and not rd.fill():
+                    if not more():
                         return   # the client hung up
-                    while not pending:
-                        got = rd.pop()
+                    while True:
+                        got = pop()
                         if got is None:
                             break
                         if got[0] == T_DATA:
                             pending = got[1][write(got[1]):]
+                            if pending:   # the pty is full: wait until it takes more
+                                p.register(cfd, 0)   # register again: modifies
+                                p.register(mfd, select.POLLIN | select.POLLOUT)
+                                break
                         else:
                             _control(gw, *got)
                 elif fd == mfd:
                     if ev & select.POLLOUT:
                         pending = pending[write(pending):]
+                        if not pending:
+                            p.register(cfd, select.POLLIN)
+                            p.register(mfd, select.POLLIN)
                     if ev & ~select.POLLOUT:
                         data = read(MAX_PAYLOAD)
                         if data:
