@@ -40,6 +40,9 @@ class PtyStreamClient:
         if small is not None:
             small()
         self._rd = FrameReader(conn)
+        # output_waiting() -> bool: output already read off the socket, which select() cannot
+        # see: call deliver() now. Asked twice a keystroke: the reader's method, no wrapper
+        self.output_waiting: Callable[[], bool] = self._rd.waiting
         self._fn: Callable[[bytes, Optional[BaseException]], Any] = _no_reader
         self._armed = False
         self._closed = False
@@ -75,17 +78,13 @@ class PtyStreamClient:
         """The fd to select() for readability beside the terminal."""
         return self.conn.fileno()
 
-    def output_waiting(self) -> bool:
-        """Output already read off the socket: select() cannot see it, call deliver() now."""
-        return self._rd.waiting()
-
     def deliver(self) -> bool:
         """One read (select() said there is something), then every whole frame to the read_then
         callback. False once the output ended (the callback was told why) or the callback did
         not re-arm; a frame cut by the read waits for the next call."""
         rd = self._rd
         try:
-            if not rd.ready() and not rd.fill():
+            if not rd.more():
                 self._fn(b"", ConnectionError("the host closed the connection"))
                 return False
             while True:
@@ -127,7 +126,7 @@ class PtyStreamClient:
         its input but writes output would otherwise stop both sides."""
         # after a paste the socket may still be full: then even a keystroke could block here
         if len(data) <= _INLINE_WRITE and (self._sender is None or self._writable()):
-            self.write(data)
+            self.conn.sendall(frame(T_DATA, data))   # write(), one call less a keystroke
             fn(None)
             return
         if self._sender is None:

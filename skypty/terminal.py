@@ -88,7 +88,13 @@ class EscapeFilter:
 
 
 def _write_fd(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    try:
+        n = os.write(fd, data)
+    except (InterruptedError, BlockingIOError):
+        n = 0
+    if n == len(data):
+        return   # the usual case (an echo, a line): no view, no loop
+    view = memoryview(data)[n:]
     while view:
         try:
             n = os.write(fd, view)
@@ -121,13 +127,16 @@ class _Writer:
 
     def has_room(self) -> bool:
         """False while a full batch waits: stop reading input until on_room() is called."""
+        if not self._buf:   # the usual case, without the lock: at worst on_room() is called once for nothing
+            return True
         with self._lock:
             self._want_room = len(self._buf) >= limits.CLIENT_READ_SIZE
             return not self._want_room
 
     def send(self, data: bytes) -> bool:
         """Queue data; False once a Write failed (on_error was called)."""
-        with self._lock:
+        self._lock.acquire()   # per keystroke: not `with` (see noise._LOCKING)
+        try:
             if self.error is not None:
                 return False
             if self._busy or self._buf or len(data) > limits.CLIENT_READ_SIZE:
@@ -138,6 +147,8 @@ class _Writer:
             else:   # a keystroke with nothing waiting: straight out, no buffer copies
                 self._busy = True
                 chunk = data
+        finally:
+            self._lock.release()
         self._go(chunk)
         return self.error is None
 
@@ -157,10 +168,13 @@ class _Writer:
         if err is not None:
             self._fail(err)
             return
-        with self._lock:
+        self._lock.acquire()
+        try:
             chunk = self._take() if self._buf else None   # leaves < one batch waiting
             self._busy = chunk is not None
             room, self._want_room = self._want_room, False
+        finally:
+            self._lock.release()
         if chunk is not None:
             self._go(chunk)
         if room:
@@ -317,41 +331,65 @@ def _describe(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-_IDLE_GC_AFTER = 1.0      # s without input or output: the session is idle, collect then
+_IDLE_GC_AFTER_MS = 1000  # without input or output: the session is idle, collect then
 _GC_YOUNG_MAX = 20000     # tracked objects allocated since the last collection, at most
 
 
 def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outcome: dict) -> bool:
     """Forward input until the reader finished or `~.` (True), or a call failed (False).
-    A client that reads its output here (output_fd: pty-stream) is served by this loop too."""
+    A client that reads its output here (output_fd: pty-stream) is served by this loop too.
+    One poll() object for the session, its fds changed only when what we wait for changes
+    (select() builds three fd sets and three lists per call: a keystroke's echo pays it twice)."""
     esc = EscapeFilter()
-    stdin_open = True
     out_fd = client.output_fd() if hasattr(client, "output_fd") else -1
     collected = out_fd < 0   # over rpc the collector keeps its own schedule
+    p = select.poll()
+    p.register(wake_fd, select.POLLIN)
+    if out_fd >= 0:
+        p.register(out_fd, select.POLLIN)
+    output_waiting = client.output_waiting if out_fd >= 0 else None
+    stdin_open = True
+    reading = False   # stdin_fd registered
+    turn = 0
     while True:
-        fds = [wake_fd, stdin_fd] if stdin_open and writer.has_room() else [wake_fd]
-        # output already off the socket, which select() cannot see: look at the rest without
+        if (stdin_open and writer.has_room()) != reading:
+            reading = not reading
+            if reading:
+                p.register(stdin_fd, select.POLLIN)
+            else:
+                p.unregister(stdin_fd)
+        # output already off the socket, which poll() cannot see: look at the rest without
         # waiting (input must not starve behind a flood of output: a ^C must get through)
-        waiting = out_fd >= 0 and client.output_waiting()
-        if out_fd >= 0:
-            fds.append(out_fd)
+        waiting = output_waiting is not None and output_waiting()
         try:
-            ready = select.select(fds, [], [], 0 if waiting else None if collected else _IDLE_GC_AFTER)[0]
+            events = p.poll(0 if waiting else None if collected else _IDLE_GC_AFTER_MS)
         except InterruptedError:
             continue
-        if not ready and not waiting:
+        if not events and not waiting:
             gc.collect()   # idle for a while: now it delays nobody
             collected = True
             continue
+        got_out, got_wake, got_in = waiting, False, False
+        for fd, _ in events:
+            if fd == out_fd:
+                got_out = True
+            elif fd == wake_fd:
+                got_wake = True
+            else:
+                got_in = True
         if out_fd >= 0:
             collected = False
-            if gc.get_count()[0] > _GC_YOUNG_MAX:   # a flood never lets us idle: bound what waits
+            turn += 1
+            # a flood never lets us idle: bound what waits (looked at every 64th turn: a call
+            # that builds a tuple is a visible part of a keystroke's cost)
+            if not turn & 63 and gc.get_count()[0] > _GC_YOUNG_MAX:
                 gc.collect()
-        if waiting and out_fd not in ready:
-            ready.append(out_fd)
-        if out_fd in ready and not client.deliver():
-            out_fd = -1   # the end (or the broken link) was reported: the wake pipe says so next
-        if wake_fd in ready:
+            if got_out and not client.deliver():
+                # the end (or the broken link) was reported: the wake pipe says so next
+                p.unregister(out_fd)
+                out_fd = -1
+                output_waiting = None
+        if got_wake:
             tags = os.read(wake_fd, 64)
             if b"E" in tags:
                 return True
@@ -364,7 +402,7 @@ def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outc
                     if not _guard(client.set_size, new[0], new[1], outcome=outcome):
                         return False
             continue   # the input side may have room again: ask has_room() afresh
-        if stdin_fd in ready:
+        if got_in:
             try:
                 data = os.read(stdin_fd, limits.CLIENT_READ_SIZE)
             except OSError as e:
