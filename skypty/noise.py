@@ -799,26 +799,6 @@ class SecureConn:
         self._bulk = k == _RECV_SMALL
         return buf[:k]
 
-    def _read_record(self) -> Optional[bytes]:
-        """Small traffic (not in bulk mode, nothing buffered): a read that brings exactly one
-        whole record (a keystroke, an rpc reply) is opened straight from the read buffer,
-        skipping both buffers: the plaintext, or None when the record was empty. Anything
-        else goes to the ciphertext buffer and through _fill, as a bulk read would."""
-        buf = self._rbuf
-        k = self.stream.recv_into(buf)
-        self._bulk = k == _RECV_SMALL
-        if k > 2 and k - 2 == ((buf[0] << 8) | buf[1]) <= limits.NOISE_MAX_BODY:
-            pt = self._recv.open(buf[2:k])
-            if pt:
-                return pt
-        elif k:
-            self._raw += buf[:k]
-        else:
-            self._eof = True
-            return None
-        self._fill()
-        return None
-
     def recv(self, n: int = 65536) -> bytes:
         """Up to n plaintext bytes; b"" at a clean EOF."""
         if n <= 0:
@@ -838,11 +818,25 @@ class SecureConn:
                     if self._bulk or self._raw:
                         self._fill()
                     else:
-                        pt = self._read_record()
-                        if pt:
-                            if len(pt) <= n:
+                        # Small traffic: a read that brings exactly one whole record (a
+                        # keystroke, an rpc reply) is opened where it landed, skipping both
+                        # buffers. Anything else goes through _fill, as a bulk read would.
+                        buf = self._rbuf
+                        k = self.stream.recv_into(buf)
+                        self._bulk = k == _RECV_SMALL
+                        if k > 2 and k - 2 == ((buf[0] << 8) | buf[1]) <= limits.NOISE_MAX_BODY:
+                            pt = self._recv.open(buf[2:k])
+                            if pt and len(pt) <= n:
                                 return pt
-                            self._plain += pt
+                            if pt:
+                                self._plain += pt
+                            else:   # an empty record: read on
+                                self._fill()
+                        elif k:
+                            self._raw += buf[:k]
+                            self._fill()
+                        else:
+                            self._eof = True
                 except ProtocolError as e:
                     self._err = e
                     raise

@@ -351,6 +351,10 @@ def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outc
     stdin_open = True
     reading = False   # stdin_fd registered
     turn = 0
+    # Output already off the socket, which poll() cannot see: then poll() only looks at the
+    # rest, without waiting (input must not starve behind a flood of output: a ^C must get
+    # through). Only deliver() reads the socket, so this is asked after each deliver().
+    waiting = False
     while True:
         if (stdin_open and writer.has_room()) != reading:
             reading = not reading
@@ -358,9 +362,6 @@ def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outc
                 p.register(stdin_fd, select.POLLIN)
             else:
                 p.unregister(stdin_fd)
-        # output already off the socket, which poll() cannot see: look at the rest without
-        # waiting (input must not starve behind a flood of output: a ^C must get through)
-        waiting = output_waiting is not None and output_waiting()
         try:
             events = p.poll(0 if waiting else None if collected else _IDLE_GC_AFTER_MS)
         except InterruptedError:
@@ -384,11 +385,13 @@ def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outc
             # that builds a tuple is a visible part of a keystroke's cost)
             if not turn & 63 and gc.get_count()[0] > _GC_YOUNG_MAX:
                 gc.collect()
-            if got_out and not client.deliver():
-                # the end (or the broken link) was reported: the wake pipe says so next
-                p.unregister(out_fd)
-                out_fd = -1
-                output_waiting = None
+            if got_out:
+                if client.deliver():
+                    waiting = output_waiting()
+                else:   # the end (or the broken link) was reported: the wake pipe says so next
+                    p.unregister(out_fd)
+                    out_fd = -1
+                    waiting = False
         if got_wake:
             tags = os.read(wake_fd, 64)
             if b"E" in tags:

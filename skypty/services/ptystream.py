@@ -232,12 +232,16 @@ def _serve(gw, conn, cfd: int, rd: FrameReader) -> None:
     p.register(cfd, select.POLLIN)
     p.register(mfd, select.POLLIN)
     poll, more, pop, waiting = p.poll, rd.more, rd.pop, rd.waiting
+    # input already off the socket (poll() cannot see it) is looked for after each read:
+    # only a read puts it there (the Start may have brought more)
+    again = True
     try:
         while True:
-            if not pending and waiting():
-                events = [(cfd, select.POLLIN)]   # already off the socket: poll() cannot see it
+            if again and not pending and waiting():
+                events = [(cfd, select.POLLIN)]
             else:
                 events = poll()
+            again = False
             for fd, ev in events:
                 if fd == cfd:
                     if not more():
@@ -254,12 +258,14 @@ def _serve(gw, conn, cfd: int, rd: FrameReader) -> None:
                                 break
                         else:
                             _control(gw, *got)
+                    again = True
                 elif fd == mfd:
                     if ev & select.POLLOUT:
                         pending = pending[write(pending):]
                         if not pending:
                             p.register(cfd, select.POLLIN)
                             p.register(mfd, select.POLLIN)
+                            again = True   # frames held back may be buffered
                     if ev & ~select.POLLOUT:
                         data = read(MAX_PAYLOAD)
                         if data:
