@@ -5,7 +5,7 @@ Starts a throwaway `skypty cli pty host` and (when run as root with sshd/ssh ins
 throwaway sshd on loopback ports with temporary keys, measures both the same way, prints a
 table and stops everything it started. A peer that is not installed is skipped (said so).
 
-    python bench/bench_ssh.py [--runs 15] [--mib 256] [--echo 1000] [--echo-rounds 3] [--conc 50]
+    python bench/bench_ssh.py [--runs 15] [--mib 256] [--echo 1000] [--echo-rounds 5] [--conc 50]
 
 Targets (from the issue): connect+exec `true` median <= 0.3x ssh; 256 MiB streamed download
 >= 1.0x ssh throughput. Numbers only: nothing here asserts.
@@ -357,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     ap.add_argument("--runs", type=int, default=15, help="connect+exec repetitions (median)")
     ap.add_argument("--mib", type=int, default=256, help="download size in MiB")
     ap.add_argument("--echo", type=int, default=1000, help="echo latency samples per peer and round")
-    ap.add_argument("--echo-rounds", type=int, default=3,
+    ap.add_argument("--echo-rounds", type=int, default=5,
                     help="echo rounds; each percentile is the median over them (one burst of VM noise "
                          "moves one round's p99, not the result)")
     ap.add_argument("--conc", type=int, default=50, help="concurrent execs")
