@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from .errors import ProtocolError, SkyptyError
-from .netutil import close_conn
+from .netutil import close_conn, reset_on_close
 from .services.ptystream import (MAX_PAYLOAD, T_DATA, T_ENDED, T_FAILED, T_PING, T_SIZE, T_START, T_STARTED,
                                  FrameReader, frame, start_payload, winsize_payload)
 
@@ -160,9 +160,13 @@ class PtyStreamClient:
         self.conn.sendall(frame(T_PING))
 
     def close(self) -> None:
-        """Hang up: the host stops the pty when the connection ends."""
+        """Hang up: the host stops the pty when the connection ends. With a reset, not a FIN: a
+        FIN waits behind input still queued for a host that holds input back (a paste to a
+        program that does not read it), and the host would not see the hang-up until the
+        kernel gave up on that input, a minute or more later."""
         if not self._closed:
             self._closed = True
+            reset_on_close(getattr(self.conn, "stream", self.conn))
             close_conn(self.conn)   # a sender blocked in sendall fails now
             if self._sender is not None:
                 self._jobs.put(None)

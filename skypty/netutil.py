@@ -23,7 +23,8 @@ import time
 
 from skypty import limits
 
-__all__ = ["connect_tcp", "close_conn", "close_after_drain", "reset_close", "set_keepalive", "steady_allocator"]
+__all__ = ["connect_tcp", "close_conn", "close_after_drain", "reset_close", "reset_on_close", "set_keepalive",
+           "steady_allocator"]
 
 
 def close_conn(conn) -> None:
@@ -88,12 +89,17 @@ def connect_tcp(host, port: int, timeout: float):
     raise err
 
 
-def reset_close(sock) -> None:
-    """Close with RST (SO_LINGER on, timeout 0)."""
+def reset_on_close(sock) -> None:
+    """Make the coming close() send RST (SO_LINGER on, timeout 0), dropping unsent data."""
     try:
         sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
+    except (OSError, AttributeError):
         pass
+
+
+def reset_close(sock) -> None:
+    """Close with RST."""
+    reset_on_close(sock)
     try:
         sock.close()
     except OSError:

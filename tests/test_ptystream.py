@@ -248,6 +248,55 @@ def test_hanging_up_stops_the_program(host):
     assert f"accept {host.client_pk.hex()}" in host.log_text()
 
 
+_NOT_READING = "stty raw -echo; echo PID=$$; exec sleep 600"   # raw: a full pty refuses input
+
+
+def test_a_fin_while_the_host_holds_input_back_stops_the_program(host):
+    """The pty is full, so the host reads no frames (back-pressure); our input all reached it,
+    so our FIN does too, and it must end the session although no frame is read."""
+    conn, rd = _session(host, "/bin/sh", "-c", _NOT_READING)
+    try:
+        assert rd.next() == (T_STARTED, b"")
+        pid = int(re.search(rb"PID=(\d+)", _until(rd, rb"PID=\d+\r?\n")).group(1))
+        for _ in range(96):   # ~96 KiB: more than the pty takes, less than the host's socket buffer
+            conn.sendall(frame(T_DATA, b"x" * 1000 + b"\r"))
+        time.sleep(0.5)
+        assert process_alive(pid)
+    finally:
+        conn.close()   # SecureConn.close: shutdown, so a FIN
+    assert wait_gone([pid]) == []
+
+
+def test_the_client_hangs_up_past_input_the_host_holds_back(host):
+    """Megabytes of input to a program that reads none fill every buffer up to our socket,
+    where a FIN would wait behind them: PtyStreamClient.close() resets instead, so the host
+    sees the hang-up at once and stops the program."""
+    c = PtyStreamClient(_dial(host))
+    out = []
+
+    def on_read(data, err):
+        if err is None:
+            out.append(data)
+            c.read_then(on_read)
+
+    try:
+        c.start("/bin/sh", ["-c", _NOT_READING], env=["TERM=dumb"])
+        c.read_then(on_read)
+        deadline = time.monotonic() + 20
+        while not re.search(rb"PID=\d+\r?\n", b"".join(out)) and time.monotonic() < deadline:
+            if c.output_waiting() or select.select([c.output_fd()], [], [], 1)[0]:
+                assert c.deliver()
+        pid = int(re.search(rb"PID=(\d+)", b"".join(out)).group(1))
+        c.conn.settimeout(3)
+        with pytest.raises(socket.timeout):   # everything fills up: the host holds input back
+            for _ in range(64):
+                c.write(b"x" * (256 * 1024))
+        assert process_alive(pid)
+    finally:
+        c.close()
+    assert wait_gone([pid]) == []
+
+
 def test_a_host_stopping_ends_its_sessions(tmp_path):
     """SIGTERM: the program is killed, the client hears the end ('X', or the cut), the host exits 0."""
     h = HostProc(str(tmp_path))

@@ -50,6 +50,10 @@ T_STARTED, T_FAILED, T_ENDED = b"A"[0], b"E"[0], b"X"[0]
 MAX_PAYLOAD = limits.PTY_READ_MAX
 
 _WINSIZE = struct.Struct(">HHHH")
+# While input is held back no frame is read, so the client's FIN would go unseen (a program
+# that never reads its input would then outlive the session): poll for it (Linux's POLLRDHUP;
+# POLLHUP and POLLERR come unasked). Ending there is what a read of EOF does otherwise.
+_HUNG_UP = getattr(select, "POLLRDHUP", 0)
 
 log = get_logger("skypty.ptystream")   # the client imports this module: no `logging` until a record
 
@@ -244,6 +248,8 @@ def _serve(gw, conn, cfd: int, rd: FrameReader) -> None:
             again = False
             for fd, ev in events:
                 if fd == cfd:
+                    if pending:   # only _HUNG_UP is asked for now: the client is gone
+                        return
                     if not more():
                         return   # the client hung up
                     while True:
@@ -253,7 +259,7 @@ def _serve(gw, conn, cfd: int, rd: FrameReader) -> None:
                         if got[0] == T_DATA:
                             pending = got[1][write(got[1]):]
                             if pending:   # the pty is full: wait until it takes more
-                                p.register(cfd, 0)   # register again: modifies
+                                p.register(cfd, _HUNG_UP)   # register again: modifies
                                 p.register(mfd, select.POLLIN | select.POLLOUT)
                                 break
                         else:
