@@ -203,6 +203,7 @@ def download(peer: Peer, mib: int, runs: int = 3) -> float:
 
 
 WARMUP = 20
+ECHO_BLOCK = 50   # keystrokes a peer types alone before the next peer's turn
 
 
 class _EchoSession:
@@ -246,11 +247,12 @@ class _EchoSession:
         self.child.close(force=True)
 
 
-def echo_latency_pair(peers: List[Peer], n: int) -> "List[Optional[tuple[float, float]]]":
+def echo_latency_pair(peers: List[Peer], n: int, block: int = 1) -> "List[Optional[tuple[float, float]]]":
     """p50/p99 ms of one byte typed into a remote `cat` in raw mode until it comes back.
 
-    With several peers they take turns keystroke by keystroke. A peer whose session fails
-    gets None (said on stderr); the others are still measured."""
+    Every peer's session is open throughout; they take turns, `block` keystrokes each (1:
+    keystroke by keystroke). A peer whose session fails gets None (said on stderr); the
+    others are still measured."""
     sessions: List[Optional[_EchoSession]] = []
     try:
         for p in peers:
@@ -266,11 +268,11 @@ def echo_latency_pair(peers: List[Peer], n: int) -> "List[Optional[tuple[float, 
         for s in sessions:
             if s is not None:
                 s.lat.clear()
-        for i in range(n):
-            ch = b"abcdefghij"[i % 10:i % 10 + 1]
+        for start in range(0, n, block):
             for s in sessions:
                 if s is not None:
-                    s.one(ch)
+                    for i in range(start, min(n, start + block)):
+                        s.one(b"abcdefghij"[i % 10:i % 10 + 1])
         return [s.p50_p99() if s is not None else None for s in sessions]
     finally:
         for s in sessions:
@@ -394,16 +396,21 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                          inproc and inproc * 1000, o and o * 1000, "<= 0.3x ssh"))
         s, o = both(download, opts.mib)
         rows.append(_row(f"streamed {opts.mib} MiB download (median of 3)", "MiB/s", s, o, ">= 1.0x ssh", True))
-        # Two ways, both reported: each peer alone (the other idle), and the peers in turns
-        # keystroke by keystroke (machine noise lands on both alike; but what a peer does
-        # after its echo, e.g. our next Read, then overlaps the other's keystroke).
+        # Two ways, both reported, every peer's session open throughout: each peer alone for
+        # ECHO_BLOCK keystrokes at a time (the others idle), the peers' blocks alternating; and
+        # the peers in turns keystroke by keystroke (what a peer does after its echo, e.g. our
+        # next Read, then overlaps the other's keystroke). Either way a burst of VM noise, which
+        # here lasts ~0.1-0.3 s and can put ten 1-5 ms echoes into one peer's 1000 (its p99),
+        # lands on all peers alike: measured one peer after the other (1000 keystrokes, ~0.4 s
+        # each), the p99 ratio went from 0.75x to 2.2x between runs of the same code.
         # The relay (reference, not skypty) is measured the same way: the floor for Python.
         relay = _try(RelayPeer, "py-relay")
         if relay is not None:
             peers["py-relay"] = relay
         rpc = SkyptyRPCPeer(sky)
         both_peers = [sky] + ([ssh] if ssh else []) + [rpc] + ([relay] if relay else [])
-        for how, measure in (("alone", lambda: [echo_latency_pair([p], opts.echo)[0] for p in both_peers]),
+        for how, measure in ((f"alone, in blocks of {ECHO_BLOCK}",
+                              lambda: echo_latency_pair(both_peers, opts.echo, ECHO_BLOCK)),
                              ("in turns", lambda: echo_latency_pair(both_peers, opts.echo))):
             lat = _try(lambda: _median_rounds(measure, opts.echo_rounds), f"echo latency {how}") or [None]
             lat_s, lat_o = lat[0], (lat[1] if ssh and len(lat) > 1 else None)
