@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import pty as _pty
@@ -177,9 +178,7 @@ class PtyGateway:
         ended; write(data) -> how many bytes the pty took (never blocks); stop_fd turns readable
         on Stop; done() once the caller is finished with the fd."""
         proc, fd = self._use()
-
-        def read(n: int) -> Optional[bytes]:
-            return self._try_read(proc, fd, n)
+        read = functools.partial(self._try_read, proc, fd)   # read(n): no frame of ours around it
 
         def write(data) -> int:
             try:
