@@ -576,11 +576,19 @@ def test_start_through_control_socket(tmp_path):
 def test_ctrl_c_is_130(host):
     cmd = SKYPTY + ["cli", "pty", "shell", host.dest, *host.sk_args, "--stream", "-t", "2m", "--",
                     "sh", "-c", "echo started; sleep 60"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    # faulthandler: if the client ever ignores the ^C (seen once in CI, never reproduced), its
+    # stack goes into the failure instead of a bare timeout
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     try:
         assert p.stdout.readline() == b"started\n"
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
+        try:
+            _, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            _, err = p.communicate(timeout=10)
+            pytest.fail("still running 30 s after SIGINT; its stacks:\n" + err.decode("utf-8", "replace"))
     finally:
         stop_process(p)
         p.stdout.close()
