@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 from skypty import limits
 from skypty.netutil import close_after_drain, close_conn
 from skypty.services.exec import SpawnError, clamp_timeout_ms, describe_peer, pump, spawn
-from skypty.services.frames import FRAME_HEAD, encode_frame, loads_strict
+from skypty.services.frames import FRAME_HEAD, encode_frame, json_field, loads_strict
 
 __all__ = ["EXEC_STREAM_URI", "MEDIA_TYPE", "TAG_KEEPALIVE", "TAG_STDOUT", "TAG_STDERR",
            "serve_exec_stream", "encode_frame"]
@@ -172,16 +172,6 @@ def _read_body(rd: _Reader, hdrs: Dict[str, str]) -> bytes:
     return rd.exact(n)
 
 
-def _field(obj: dict, key: str):
-    # Go's encoding/json matches keys case-insensitively; an exact match wins
-    if key in obj:
-        return obj[key]
-    for k, v in obj.items():
-        if k.lower() == key:
-            return v
-    return None
-
-
 def _parse_request(body: bytes) -> dict:
     try:
         obj = loads_strict(body)
@@ -189,15 +179,14 @@ def _parse_request(body: bytes) -> dict:
         raise _HTTPError(400, f"exec-stream: bad json: {e}")
     if not isinstance(obj, dict):
         raise _HTTPError(400, "exec-stream: bad json: not an object")
-    # null is a field's zero value (as in Go); any other wrong type is an error, never a default
-    name = _typed(obj, "name", str, "a string", "")
-    args = _typed(obj, "arg", list, "a list of strings", [])
-    env = _typed(obj, "env", list, "a list of strings", [])
-    stdin_b64 = _typed(obj, "stdin", str, "base64", "")
-    timeout_ms = _typed(obj, "timeout_ms", int, "an integer", 0)
-    for what, lst in (("arg", args), ("env", env)):
-        if not all(isinstance(a, str) for a in lst):
-            raise _HTTPError(400, f"exec-stream: bad json: {what} must be a list of strings")
+    try:
+        name = json_field(obj, "name", str, "a string", "")
+        args = json_field(obj, "arg", list, "a list of strings", [], items=str)
+        env = json_field(obj, "env", list, "a list of strings", [], items=str)
+        stdin_b64 = json_field(obj, "stdin", str, "base64", "")
+        timeout_ms = json_field(obj, "timeout_ms", int, "an integer", 0)
+    except ValueError as e:
+        raise _HTTPError(400, f"exec-stream: bad json: {e}")
     if not name:
         raise _HTTPError(400, "exec-stream: empty command name")
     try:
@@ -209,15 +198,6 @@ def _parse_request(body: bytes) -> dict:
     return {"name": name, "arg": args, "env": env, "stdin": stdin,
             "timeout_ms": clamp_timeout_ms(timeout_ms, limits.EXECSTREAM_DEFAULT_TIMEOUT_MS,
                                            limits.EXECSTREAM_MAX_TIMEOUT_MS)}
-
-
-def _typed(obj: dict, key: str, kind: type, what: str, zero):
-    value = _field(obj, key)
-    if value is None:
-        return zero
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise _HTTPError(400, f"exec-stream: bad json: {key} must be {what}")
-    return value
 
 
 def _date() -> str:

@@ -37,7 +37,7 @@ from skypty import limits
 from skypty.errors import ProtocolError
 from skypty.logs import get_logger
 from skypty.netutil import close_after_drain, close_conn
-from skypty.services.frames import FRAME_HEAD, encode_frame as frame, loads_strict
+from skypty.services.frames import FRAME_HEAD, encode_frame as frame, json_field, loads_strict
 
 __all__ = ["PTY_STREAM_URI", "MAX_PAYLOAD", "FrameReader", "frame", "start_payload", "parse_start",
            "winsize_payload", "serve_pty_stream",
@@ -135,15 +135,6 @@ class FrameReader:
                 return None
 
 
-def _field(obj: dict, key: str, kind: type, zero):
-    value = obj.get(key)
-    if value is None:
-        return zero
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ProtocolError(f"pty-stream: Start: {key} has the wrong type")
-    return value
-
-
 def parse_start(payload: bytes) -> dict:
     """A Start payload as the CommandReq dict PtyGateway.start takes; ProtocolError if malformed."""
     try:
@@ -152,16 +143,17 @@ def parse_start(payload: bytes) -> dict:
         raise ProtocolError(f"pty-stream: Start: bad json: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("pty-stream: Start: not a JSON object")
-    name = _field(obj, "Name", str, "")
-    args = _field(obj, "Arg", list, [])
-    env = _field(obj, "Env", list, [])
-    if not all(isinstance(a, str) for a in args + env):
-        raise ProtocolError("pty-stream: Start: Arg and Env must be lists of strings")
-    size = _field(obj, "Size", dict, None)
-    if size is not None:
-        size = {k: _field(size, k, int, 0) for k in ("Rows", "Cols", "X", "Y")}
-        if not all(0 <= v <= 0xFFFF for v in size.values()):
-            raise ProtocolError("pty-stream: Start: Size out of range")
+    try:
+        name = json_field(obj, "Name", str, "a string", "")
+        args = json_field(obj, "Arg", list, "a list of strings", [], items=str)
+        env = json_field(obj, "Env", list, "a list of strings", [], items=str)
+        size = json_field(obj, "Size", dict, "an object", None)
+        if size is not None:
+            size = {k: json_field(size, k, int, "an integer", 0) for k in ("Rows", "Cols", "X", "Y")}
+    except ValueError as e:
+        raise ProtocolError(f"pty-stream: Start: {e}") from None
+    if size is not None and not all(0 <= v <= 0xFFFF for v in size.values()):
+        raise ProtocolError("pty-stream: Start: Size out of range")
     return {"Name": name, "Arg": args, "Env": env, "Size": size}
 
 
