@@ -178,16 +178,9 @@ class PtyGateway:
         ended; write(data) -> how many bytes the pty took (never blocks); stop_fd turns readable
         on Stop; done() once the caller is finished with the fd."""
         proc, fd = self._use()
-        read = functools.partial(self._try_read, proc, fd)   # read(n): no frame of ours around it
-
-        def write(data) -> int:
-            try:
-                return os.write(fd, data)
-            except (BlockingIOError, InterruptedError):
-                return 0
-            except OSError as e:
-                raise PtyError(f"write /dev/ptmx: {_strerror(e)}") from None
-
+        # partials, not closures: no frame of ours around the two calls an echo makes
+        read = functools.partial(self._try_read, proc, fd)
+        write = functools.partial(_write_some, fd)
         return fd, proc.wake_r, read, write, proc.release
 
     @staticmethod
@@ -244,16 +237,12 @@ class PtyGateway:
             total = 0
             poller = None
             while total < len(view):
-                try:
-                    total += os.write(fd, view[total:])
+                took = _write_some(fd, view[total:])
+                if took:
+                    total += took
                     continue
-                except InterruptedError:
-                    continue
-                except BlockingIOError:
-                    if not wait:
-                        return total
-                except OSError as e:
-                    raise PtyError(f"write /dev/ptmx: {_strerror(e)}") from None
+                if not wait:
+                    return total
                 if poller is None:   # the child is not reading its input: wait for room or Stop
                     poller = select.poll()
                     poller.register(fd, select.POLLOUT)
@@ -444,6 +433,17 @@ def _read_all(fd: int) -> bytes:
         if not chunk:
             return out
         out += chunk
+
+
+def _write_some(fd: int, data) -> int:
+    """What the pty master takes of data now: 0 when it is full (the fd does not block);
+    PtyError for any other failure."""
+    try:
+        return os.write(fd, data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as e:
+        raise PtyError(f"write /dev/ptmx: {_strerror(e)}") from None
 
 
 def _strerror(e: OSError) -> str:
