@@ -40,8 +40,8 @@ class PtyStreamClient:
         if small is not None:
             small()
         self._rd = FrameReader(conn)
-        # output_waiting() -> bool: output already read off the socket, which select() cannot
-        # see: call deliver() now. Asked twice a keystroke: the reader's method, no wrapper
+        # output_waiting() -> bool: output already read off the socket, which poll() cannot
+        # see: call deliver() now. Asked after every deliver(): the reader's own method
         self.output_waiting: Callable[[], bool] = self._rd.waiting
         self._fn: Callable[[bytes, Optional[BaseException]], Any] = _no_reader
         self._armed = False
@@ -72,14 +72,14 @@ class PtyStreamClient:
         self._fn = fn
         self._armed = True
 
-    # Output is read on the caller's thread, from its select() loop, not on a reader thread of
+    # Output is read on the caller's thread, from its poll() loop, not on a reader thread of
     # our own: a keystroke's echo then costs no GIL hand-off between two threads of ours.
     def output_fd(self) -> int:
-        """The fd to select() for readability beside the terminal."""
+        """The fd to poll for readability beside the terminal."""
         return self.conn.fileno()
 
     def deliver(self) -> bool:
-        """One read (select() said there is something), then every whole frame to the read_then
+        """One read (poll() said there is something), then every whole frame to the read_then
         callback. False once the output ended (the callback was told why) or the callback did
         not re-arm; a frame cut by the read waits for the next call."""
         rd = self._rd
@@ -126,7 +126,7 @@ class PtyStreamClient:
         its input but writes output would otherwise stop both sides."""
         # after a paste the socket may still be full: then even a keystroke could block here
         if len(data) <= _INLINE_WRITE and (self._sender is None or self._writable()):
-            self.conn.sendall(frame(T_DATA, data))   # write(), one call less a keystroke
+            self.write(data)
             fn(None)
             return
         if self._sender is None:

@@ -196,7 +196,7 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
     (or `~.`); raises SkyptyError (exit 1) when the connection broke.
 
     The echo of a keystroke is the latency that matters, so nothing on its path changes
-    thread. A pty-stream client (`output_fd`) is served by one select() loop on the main
+    thread. A pty-stream client (`output_fd`) is served by one poll() loop on the main
     thread, input and output alike, as ssh does. Over rpc the main thread sends the Write, and
     the Read reply is handled on the rpc reader thread itself, which writes the output to
     stdout and then issues the next Read. (A Write typed while that Read is being sent goes out
@@ -215,7 +215,9 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
     # collector runs when the session is idle (see _pump_stdin), not in the middle of a
     # keystroke's echo (with it off altogether, 87 -> 69 of 3000 echoes took over 1 ms).
     gc.freeze()
-    inline = hasattr(client, "output_fd")   # its output is read by _pump_stdin's loop, no reader thread
+    # a client with output_fd (pty-stream) has its output read by _pump_stdin's loop, no reader thread
+    out_fd = client.output_fd() if hasattr(client, "output_fd") else -1
+    inline = out_fd >= 0
     gc_was_enabled = gc.isenabled()
     if inline:   # the loop sees all the traffic, so it can pick the moment (over rpc it cannot)
         gc.disable()
@@ -288,7 +290,7 @@ def run_interactive(client, name: str, args: Sequence[str] = (), env: Optional[S
         except Exception as e:
             on_read(b"", e)
         pt.start()
-        if not _pump_stdin(client, writer, stdin_fd, wake_r, size, outcome):
+        if not _pump_stdin(client, writer, stdin_fd, wake_r, out_fd, size, outcome):
             # The input side gave up (a Write failed): the reader knows whether the remote
             # program ended (exit 0) or the link broke, so let it have the last word.
             if inline:
@@ -335,13 +337,13 @@ _IDLE_GC_AFTER_MS = 1000  # without input or output: the session is idle, collec
 _GC_YOUNG_MAX = 20000     # tracked objects allocated since the last collection, at most
 
 
-def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, size, outcome: dict) -> bool:
+def _pump_stdin(client, writer: _Writer, stdin_fd: int, wake_fd: int, out_fd: int, size, outcome: dict) -> bool:
     """Forward input until the reader finished or `~.` (True), or a call failed (False).
-    A client that reads its output here (output_fd: pty-stream) is served by this loop too.
+    A client that reads its output here (out_fd >= 0, its output_fd: pty-stream) is served by
+    this loop too.
     One poll() object for the session, its fds changed only when what we wait for changes
     (select() builds three fd sets and three lists per call: a keystroke's echo pays it twice)."""
     esc = EscapeFilter()
-    out_fd = client.output_fd() if hasattr(client, "output_fd") else -1
     collected = out_fd < 0   # over rpc the collector keeps its own schedule
     p = select.poll()
     p.register(wake_fd, select.POLLIN)
